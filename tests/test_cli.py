@@ -1,0 +1,44 @@
+"End-to-end tests of the `small-doge` console script, run as a user would (a subprocess, offline)."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+def small_doge(*args, home, check=True):
+    env = dict(os.environ, SMALL_DOGE_HOME=str(home), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+    r = subprocess.run([sys.executable, '-m', 'small_doge.cli', *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    if check: assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+def test_help_lists_subcommands(tmp_path):
+    out = small_doge('--help', home=tmp_path).stdout
+    for name in ('run', 'corpus', 'tokenizer'): assert name in out
+    for name in ('run', 'corpus', 'tokenizer'):
+        assert f'usage: small-doge {name}' in small_doge(name, '--help', home=tmp_path).stdout
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name('small-doge')
+    assert exe.exists(), 'the small-doge console script is not installed next to python'
+    assert subprocess.run([str(exe), '--help'], capture_output=True, text=True).returncode == 0
+
+def test_corpus_then_tokenizer(tmp_path):
+    corpus = tmp_path/'corpus'
+    summary = json.loads(small_doge('corpus', '--out', corpus, '--max-files', 30, home=tmp_path).stdout)
+    assert summary['train']['rows'] > 0 and summary['validation']['rows'] > 0
+    assert (corpus/'dataset_dict.json').exists()
+    tok = tmp_path/'tok'
+    summary = json.loads(small_doge('tokenizer', '--corpus', corpus, '--out', tok, '--vocab-size', 400, home=tmp_path).stdout)
+    assert summary['vocab_size'] == 400 and summary['bytes_per_token'] > 1.0 and summary['lossless']
+    from transformers import AutoTokenizer
+    t = AutoTokenizer.from_pretrained(tok)
+    assert t.decode(t('def f(x): return x')['input_ids']) .endswith('def f(x): return x')
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')], 'temporary files left behind'
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    r = small_doge('corpus', '--out', tmp_path/'c', '--files', tmp_path/'missing.txt', home=tmp_path, check=False)
+    assert r.returncode == 2 and 'missing.txt' in r.stderr and 'Traceback' not in r.stderr
+    bad = tmp_path/'latin1.txt'; bad.write_bytes('caf\xe9 au lait\n'.encode('latin-1'))
+    r = small_doge('corpus', '--out', tmp_path/'c', '--files', bad, home=tmp_path, check=False)
+    assert r.returncode == 2 and 'latin1.txt' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path/'c').exists()
+    r = small_doge('tokenizer', '--corpus', tmp_path/'nothing', '--out', tmp_path/'t', home=tmp_path, check=False)
+    assert r.returncode == 2 and 'nothing' in r.stderr and not (tmp_path/'t').exists()
