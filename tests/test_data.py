@@ -66,6 +66,11 @@ def test_load_local_formats(files):
     assert load_local(files)['text'] == ['a', 'b', 'p', 'hello\nworld\n']     # directory: sorted by name
     assert load_local(files/'ok.jsonl', fmt='json')['text'] == ['a', 'b']
 
+def test_load_local_cache_dir(files, tmp_path_factory):
+    cache = tmp_path_factory.mktemp('cache')
+    ds = load_local(files/'ok.jsonl', cache_dir=cache)
+    assert ds['text'] == ['a', 'b'] and ds.cache_files and any(cache.iterdir())   # memory-mapped from cache_dir
+
 @pytest.mark.parametrize('name,content,match', [
     ('latin.txt', 'café'.encode('latin-1'), 'latin.txt: not UTF-8'),
     ('bad.jsonl', b'{"text": "a"}\n{oops\n', 'bad.jsonl: not valid json'),

@@ -27,6 +27,7 @@ def test_special_ids(tok):
         assert tok.convert_tokens_to_ids(t) == i and tok(t)['input_ids'] == [i]
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == SPECIAL_TOKENS[:3]
     assert len(tok) == 4096 and tok.model_max_length == 1024 and stop_token_ids(tok) == [1, 4]
+    assert tok('abc')['input_ids'] == tok('abc', add_special_tokens=False)['input_ids']   # no BOS, no EOS added
 
 pieces = st.lists(st.one_of(st.sampled_from(SPECIAL_TOKENS), st.text(st.characters(blacklist_categories=('Cs',)), max_size=12)), max_size=8)
 
