@@ -218,7 +218,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Drop, DO, Lse, Delta, DK, DV, DB,
     dj = tl.load(Drop + kv + j, mask=j < SK, other=0)
     off = SK - SQ                                        # absolute position of query row 0
     i_lo = tl.maximum(j_lo - off, 0) // BLOCK_M * BLOCK_M  # rows before the first key see none of them
-    i_hi = tl.minimum(tl.max(dj) - off, SQ)              # rows from max d_j on see none of them either
+    i_hi = tl.minimum(tl.max(dj) - off - 1, SQ)              # rows from max d_j on see none of them either
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_N], tl.float32)
