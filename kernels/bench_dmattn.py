@@ -3,6 +3,7 @@
 
     python kernels/bench_dmattn.py               # CUDA machine: correctness at small sizes, then timings and memory
     python kernels/bench_dmattn.py --cpu-smoke   # tiny sizes in Triton's interpreter: proves the script runs
+    python kernels/bench_dmattn.py --compile-check   # no GPU needed: compile every kernel for sm_90, report spills
 
 Compares the kernel with (a) the eager reference, (b) torch SDPA with the dense additive mask (the `sdpa` backend,
 what transformers does) and (c) torch SDPA flash attention, causal, without bias (the speed ceiling). TFLOP/s count
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--cpu-smoke', action='store_true', help="tiny sizes on the CPU in Triton's interpreter")
+    p.add_argument('--compile-check', nargs='*', metavar='KIND:D', default=None,
+                   help='compile the kernels for sm_90 without a GPU and report registers/spills (entries of the '
+                        'tile table, e.g. 16bit:128 fp32:64; default all)')
     p.add_argument('--seqs', type=int, nargs='+', default=[1024, 4096, 8192, 16384], help='sequence lengths S')
     p.add_argument('--windows', type=int, nargs='+', default=[512, 1024, 0], help='keep_window_size W (0 means W = S)')
     p.add_argument('--bias', choices=['random', 'ties', 'both'], default='both',
@@ -146,6 +150,7 @@ def bench_one(torch, device, args, fn, q, k, v, bias, W, flops_fwd):
         t_all = timer(torch, device, fwd_bwd, args.reps)
         peak = float('nan')
         if device == 'cuda':
+            q.grad = k.grad = v.grad = bias.grad = None
             torch.cuda.synchronize(); gc.collect(); torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -227,8 +232,62 @@ def goals(results, args):
     return lines
 
 
+def compile_check(entries):
+    "Compile the kernels of the tile table for an H100 (sm_90) without a GPU; ptxas -v gives registers and spills."
+    import inspect, re, subprocess
+    os.environ.pop('TRITON_INTERPRET', None)    # the compiler needs the real triton.language, not the interpreter's
+    sys.path.insert(0, str(REPO))
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    import small_doge.kernels.dmattn as dm
+    dm._triton()
+    target, ptxas = GPUTarget('cuda', 90, 32), get_ptxas(90).path
+    pointers = dict(Drop='*i32', First='*i32', Rank='*i32', Sorted='*i32', Lse='*fp32', Delta='*fp32', DB='*fp32')
+
+    def report(fn, dtype, consts, opts):
+        sig = {}
+        for name in inspect.signature(fn).parameters:
+            if name in consts: sig[name] = 'constexpr'
+            elif name in pointers: sig[name] = pointers[name]
+            elif name in ('Q', 'K', 'V', 'Bias', 'O', 'DO', 'DK', 'DV', 'DQ'): sig[name] = f'*{dtype}'
+            else: sig[name] = 'fp32' if name == 'scale' else 'i32'
+        k = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts), target=target, options=opts)
+        with tempfile.NamedTemporaryFile('w', suffix='.ptx', delete=False) as f: f.write(k.asm['ptx'])
+        out = subprocess.run([ptxas, '-v', '--gpu-name', 'sm_90a', f.name, '-o', os.devnull], capture_output=True,
+                             text=True)
+        os.unlink(f.name)
+        if out.returncode: raise RuntimeError(f'ptxas failed for {fn.__name__}: {out.stderr[-500:]}')
+        regs = re.search(r'Used (\d+) registers', out.stderr)
+        spill = re.search(r'(\d+) bytes spill stores', out.stderr)
+        return int(regs.group(1)), int(spill.group(1)) if spill else 0, k.metadata.shared
+
+    rows, spilled = [], 0
+    kernels = dict(fwd=dm._fwd_kernel, dkdv=dm._bwd_dkdv_kernel, dq=dm._bwd_dq_kernel)
+    todo = [tuple(e.split(':')) for e in entries] if entries else [(k, str(d)) for k, d in dm._TILES]
+    for kind, D in todo:
+        cfg, D = dm._TILES[kind, int(D)], int(D)
+        dtype = 'fp32' if kind == 'fp32' else 'bf16'
+        for name, fn in kernels.items():
+            bm, bn, warps, stages = cfg[name]
+            consts = dict(HEAD_D=D, BLOCK_D=D, DOT_PREC='ieee' if dtype == 'fp32' else 'tf32', BLOCK_M=bm, BLOCK_N=bn)
+            regs, spills, shared = report(fn, dtype, consts, dict(num_warps=warps, num_stages=stages))
+            spilled += spills
+            rows.append(f'| {name} | {dtype} | {D} | {bm}x{bn} | {warps} | {stages} | {regs} | {spills} | {shared} |')
+            print(rows[-1], flush=True)
+    regs, spills, shared = report(dm._drop_rows_kernel, 'i32', dict(BLOCK_J=64, P=512, LOG_P=9, CHUNK=64),
+                                  dict(num_warps=4))
+    rows.append(f'| drop_rows | int32 | - | 64 keys, P=512 | 4 | - | {regs} | {spills} | {shared} |')
+    print(rows[-1])
+    print(f'compiled {len(rows)} kernels for sm_90; {spilled} bytes of register spills in the attention kernels')
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.compile_check is not None: return compile_check(args.compile_check)
     torch, device = setup(args)
     import triton
     dev_name = 'CPU (Triton interpreter, --cpu-smoke)' if device == 'cpu' else torch.cuda.get_device_name()

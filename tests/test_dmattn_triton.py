@@ -160,3 +160,25 @@ def test_bench_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = out.read_text()
     assert '| triton |' in text and 'correctness' in text and 'interpreter' in text
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(Sk=st.integers(1, 40), sq_frac=st.floats(0, 1), W=st.one_of(st.none(), st.integers(1, 24)),
+       groups=st.sampled_from([(1, 1), (2, 1), (4, 2)]), pad=st.booleans(), ties=st.booleans(), seed=st.integers(0, 99))
+def test_random_shapes_match_eager(Sk, sq_frac, W, groups, pad, ties, seed):
+    "Forward and gradients over random tiny shapes: odd lengths, Sq <= Sk, GQA, padding, any window."
+    H, Hkv = groups
+    Sq = max(1, round(sq_frac * Sk))
+    am = (torch.rand(2, Sk, generator=torch.Generator().manual_seed(seed)) > 0.3).long() if pad else None
+    errs = max_rel_err(run_both(B=2, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=16, W=W, pad=am, ties=ties, seed=seed))
+    assert max(errs.values()) <= 1e-4, errs
+
+
+def test_kernels_compile_for_h100_without_a_gpu():
+    "The compiled (GPU) path: Triton compiles the kernels for sm_90 and ptxas assembles them, no device needed."
+    pytest.importorskip('triton.backends.nvidia.compiler')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    r = subprocess.run([sys.executable, str(REPO / 'kernels' / 'bench_dmattn.py'), '--compile-check', '16bit:128'],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'compiled 4 kernels for sm_90' in r.stdout
