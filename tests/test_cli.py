@@ -9,10 +9,12 @@ def small_doge(*args, home, check=True):
     if check: assert r.returncode == 0, r.stderr[-3000:]
     return r
 
+COMMANDS = ('run', 'corpus', 'tokenizer', 'pretrain', 'sft', 'dpo', 'reason', 'recipes', 'eval', 'chat', 'generate')
+
 def test_help_lists_subcommands(tmp_path):
     out = small_doge('--help', home=tmp_path).stdout
-    for name in ('run', 'corpus', 'tokenizer'): assert name in out
-    for name in ('run', 'corpus', 'tokenizer'):
+    for name in COMMANDS: assert name in out
+    for name in COMMANDS:
         assert f'usage: small-doge {name}' in small_doge(name, '--help', home=tmp_path).stdout
 
 def test_console_script_installed():
@@ -42,3 +44,37 @@ def test_bad_input_is_one_clear_error(tmp_path):
     assert not (tmp_path/'c').exists()
     r = small_doge('tokenizer', '--corpus', tmp_path/'nothing', '--out', tmp_path/'t', home=tmp_path, check=False)
     assert r.returncode == 2 and 'nothing' in r.stderr and not (tmp_path/'t').exists()
+
+@pytest.fixture(scope='module')
+def tiny_model_dir(tmp_path_factory):
+    "A randomly initialised tiny Doge saved with a small trained tokenizer (what a training stage leaves behind)."
+    from small_doge.data import pystdlib_corpus
+    from small_doge.tokenizer import train_tokenizer, save_tokenizer
+    from small_doge.doge import DogeConfig, DogeForCausalLM
+    d = tmp_path_factory.mktemp('model')
+    tok = train_tokenizer(pystdlib_corpus(max_files=10, cache=False)['train'], vocab_size=400)
+    cfg = DogeConfig.from_preset('tiny', vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    DogeForCausalLM(cfg).save_pretrained(d); save_tokenizer(tok, d/'tok')
+    for f in (d/'tok').iterdir(): f.rename(d/f.name)
+    (d/'tok').rmdir()
+    return d
+
+def test_generate_chat_eval(tiny_model_dir, tmp_path):
+    r = small_doge('generate', '--model', tiny_model_dir, '--prompt', 'def main(', '--max-new-tokens', 5, home=tmp_path)
+    assert r.stdout.startswith('def main(')
+    env = dict(os.environ, SMALL_DOGE_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, '-m', 'small_doge.cli', 'chat', '--model', str(tiny_model_dir), '--max-new-tokens', '4'],
+                       input='hello\n/exit\n', capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count('doge> ') == 1   # one reply to the one message, then /exit
+    out = json.loads(small_doge('eval', '--model', tiny_model_dir, '--n-examples', 8, '--max-files', 300, '--no-speed', home=tmp_path).stdout)
+    assert out['perplexity']['ppl'] > 1 and out['multiple_choice']
+
+def test_stage_command_rejects_bad_recipe(tmp_path):
+    r = small_doge('pretrain', '--config', 'pretrain-tiny-cpu', '--set', 'lerning_rate=1', home=tmp_path, check=False)
+    assert r.returncode == 2 and 'lerning_rate' in r.stderr and 'Traceback' not in r.stderr
+    r = small_doge('sft', '--config', 'pretrain-tiny-cpu', home=tmp_path, check=False)
+    assert r.returncode == 2 and "not 'sft'" in r.stderr
+    r = small_doge('eval', '--model', tmp_path/'nothing', home=tmp_path, check=False)
+    assert r.returncode == 2 and 'nothing' in r.stderr and 'Traceback' not in r.stderr
+    assert json.loads(small_doge('recipes', home=tmp_path).stdout)
