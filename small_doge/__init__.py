@@ -6,10 +6,15 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #3421fa09
+# %% ../nbs/index.ipynb #cec11fc2
 # The package's front door. Submodules import torch and transformers, which takes seconds, so the top-level
 # names resolve lazily: `import small_doge` and `small-doge --help` stay instant, and Triton is never needed.
-import importlib
+import importlib, os
+
+# Triton decides at *its own* import whether its built-in helpers (tl.max, tl.sum, ...) are interpreted, and
+# transformers/TRL import Triton as a side effect. Without a GPU Triton can only run in its interpreter, so on such
+# a machine we choose that before anything else can import Triton. (A GPU machine is left alone.)
+if not any(os.path.exists(p) for p in ('/dev/nvidiactl', '/dev/kfd')): os.environ.setdefault('TRITON_INTERPRET', '1')
 
 _LAZY = {name: mod for mod, names in {
     'doge': ['DogeConfig', 'DogeModel', 'DogeForCausalLM', 'DOGE_PRESETS'],
