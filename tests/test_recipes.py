@@ -131,3 +131,22 @@ def test_trl_moe_model_keeps_aux_loss(tmp_path):
     assert tr.aux_loss_enabled
     tr.train()
     assert any('aux_loss' in h for h in tr.state.log_history)
+
+
+def test_cli_style_overrides():
+    from small_doge.pretrain import parse_overrides
+    ov = parse_overrides(['learning_rate=1e-3', 'bf16=false', 'save_steps=null', 'model_overrides={num_hidden_layers: 2}'])
+    r = load_recipe('pretrain-tiny-cpu', **ov)
+    assert (r.learning_rate, r.bf16, r.save_steps, r.model_overrides) == (1e-3, False, None, {'num_hidden_layers': 2})
+    with pytest.raises(ConfigError, match='not key=value'): parse_overrides(['oops'])
+    with pytest.raises(ConfigError, match="unknown key 'lr'"): load_recipe('pretrain-tiny-cpu', **parse_overrides(['lr=1']))
+
+
+def test_run_recipe_dispatch(tmp_path):
+    "run_recipe picks the stage's function; a recipe for a stage with bad input fails with that stage's error."
+    with pytest.raises(CheckpointError, match='model not found'):
+        run_recipe(load_recipe('sft-tiny-cpu', model_path=str(tmp_path/'none'), output_dir=str(tmp_path/'o')))
+    with pytest.raises(CheckpointError, match='model not found'):
+        run_recipe(load_recipe('dpo-tiny-cpu', model_path=str(tmp_path/'none'), output_dir=str(tmp_path/'o')))
+    with pytest.raises(CheckpointError, match='model not found'):
+        run_recipe(load_recipe('reason-tiny-cpu', model_path=str(tmp_path/'none'), output_dir=str(tmp_path/'o')))
