@@ -35,6 +35,15 @@ def test_corpus_then_tokenizer(tmp_path):
     assert t.decode(t('def f(x): return x')['input_ids']) .endswith('def f(x): return x')
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')], 'temporary files left behind'
 
+def test_run_first_stages(tmp_path):
+    r = small_doge('run', '--preset', 'tiny', '--stages', 'corpus,tokenizer', '--out', tmp_path/'run', home=tmp_path)
+    summary = json.loads(r.stdout[r.stdout.index('{'):])
+    assert '[corpus]' in r.stdout and '[tokenizer]' in r.stdout
+    report = (tmp_path/'run'/'report.md').read_text()
+    assert 'tokenizer' in report and (tmp_path/'run'/'results.json').exists() and summary['report'].endswith('report.md')
+    r = small_doge('run', '--preset', 'tiny', '--stages', 'corpus,nope', '--out', tmp_path/'run2', home=tmp_path, check=False)
+    assert r.returncode == 2 and "unknown stages ['nope']" in r.stderr
+
 def test_bad_input_is_one_clear_error(tmp_path):
     r = small_doge('corpus', '--out', tmp_path/'c', '--files', tmp_path/'missing.txt', home=tmp_path, check=False)
     assert r.returncode == 2 and 'missing.txt' in r.stderr and 'Traceback' not in r.stderr
