@@ -1,14 +1,33 @@
 """Build the static site in docs/ from the notebooks (nbdev_docs needs quarto, which is not installable here).
 
-One HTML page per notebook (hidden cells dropped, outputs kept) and docs/index.html from nbs/index.ipynb.
+One HTML page per notebook (hidden cells dropped, outputs kept), docs/index.html from nbs/index.ipynb, and the
+style sheet they share.
 Usage: python .ci/docs.py [--check]   (--check: exit 1 if docs/ is not current)"""
-import sys, html
+import sys, html, re
 from pathlib import Path
 from nbconvert import HTMLExporter
 sys.path.insert(0, str(Path(__file__).parent))
 from nbtools import shown, lesson_notebooks
 
 def page_name(nb): return 'index.html' if nb.stem == 'index' else nb.stem + '.html'
+
+STYLE = re.compile(r'<style[^>]*>(.*?)</style>\s*', re.S)
+
+def share_styles(pages):
+    "Move the <style> blocks every page has into one style.css, linked from each page (not thousands of lines each)."
+    blocks = [STYLE.findall(t) for t in pages.values()]
+    common = [b for b in blocks[0] if all(b in bl for bl in blocks[1:])]
+    out = {}
+    for name, text in pages.items():
+        first = True
+        def swap(m):
+            nonlocal first
+            if m.group(1) not in common: return m.group(0)
+            link, first = ('<link rel="stylesheet" href="style.css">\n' if first else ''), False
+            return link
+        out[name] = STYLE.sub(swap, text)
+    out['style.css'] = '\n'.join(common)
+    return out
 
 def render():
     nbs = lesson_notebooks()
@@ -19,16 +38,16 @@ def render():
     for nb in nbs:
         body, _ = exporter.from_notebook_node(shown(nb))
         pages[page_name(nb)] = body.replace('<main>', '<main>' + nav, 1)
-    return pages
+    return share_styles(pages)
 
 if __name__ == '__main__':
     pages, out = render(), Path('docs')
     if '--check' in sys.argv:
-        stale = [n for n, t in pages.items() if not (out/n).exists() or (out/n).read_text() != t]
-        extra = [p.name for p in out.glob('*.html') if p.name not in pages]
+        stale = [n for n, t in pages.items() if not (out/n).exists() or (out/n).read_bytes().decode() != t]
+        extra = [p.name for p in out.glob('*.*') if p.name not in pages]
         if stale or extra: sys.exit(f'docs/ is out of date ({", ".join(stale + extra)}): run `python .ci/docs.py` and commit it')
     else:
         out.mkdir(exist_ok=True)
-        for p in out.glob('*.html'):
+        for p in out.glob('*.*'):
             if p.name not in pages: p.unlink()
         for n, t in pages.items(): (out/n).write_text(t)

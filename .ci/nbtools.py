@@ -22,6 +22,7 @@ def shown(nb_path):
             if any(d.startswith('hide_output') for d in ds): c.outputs = []
             if not c.source: continue
         cells.append(c)
+    for i, c in enumerate(cells): c['id'] = f'c{i}'   # nbformat invents random ids for id-less (cleaned) cells
     nb.cells = cells
     return nb
 

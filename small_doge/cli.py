@@ -10,7 +10,7 @@ from pathlib import Path
 from .core import SmallDogeError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'parse_overrides', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'command', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #de653e84
 COMMANDS = {}
@@ -28,7 +28,7 @@ def _run_parser(p):
     from small_doge.pipeline import PRESETS
     p.add_argument('--preset', default='tiny', choices=sorted(PRESETS), help='size of everything (default: tiny, for a CPU)')
     p.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<preset>)')
-    p.add_argument('--stages', default=None, help='comma-separated subset of stages to run (default: all)')
+    p.add_argument('--stages', default=None, help='comma-separated subset of stages to run (default: all); the others are reused from the run folder when an earlier run finished them')
     def go(a):
         from small_doge.pipeline import run_pipeline
         return run_pipeline(a.preset, out_dir=a.out, stages=a.stages.split(',') if a.stages else None)
@@ -58,24 +58,13 @@ def _tokenizer_parser(p):
     return go
 
 # %% ../nbs/20_cli.ipynb #95427fed
-def parse_overrides(pairs) -> dict:
-    "`['a=1', 'b=x']` -> `{'a': 1, 'b': 'x'}`, each value read as YAML."
-    import yaml
-    from small_doge.core import ConfigError
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition('=')
-        if not sep or not key: raise ConfigError(f'--set takes key=value, got {pair!r}')
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
 def _stage_parser(stage, default_recipe):
     def build(p):
         p.add_argument('--config', default=default_recipe, help=f'recipe YAML path or packaged name (default: {default_recipe})')
         p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
         p.add_argument('--output-dir', default=None, help='where checkpoints and the final model go (overrides the recipe)')
         def go(a):
-            from small_doge.pretrain import as_recipe, run_recipe
+            from small_doge.pretrain import as_recipe, parse_overrides, run_recipe
             overrides = parse_overrides(a.overrides)
             if a.output_dir: overrides['output_dir'] = a.output_dir
             return run_recipe(as_recipe(a.config, stage, **overrides))
@@ -97,9 +86,12 @@ def _recipes_parser(p):
     return go
 
 # %% ../nbs/20_cli.ipynb #6714e25d
+def _model_arg(p):
+    p.add_argument('--model', required=True, help='model directory, run folder or run:<recipe>')
+
 @command('eval', 'evaluate a saved model offline: perplexity, multiple-choice tasks, generation speed')
 def _eval_parser(p):
-    p.add_argument('--model', required=True, help='model directory, run folder or run:<recipe>')
+    _model_arg(p)
     p.add_argument('--n-examples', type=int, default=200, help='questions per multiple-choice task')
     p.add_argument('--max-files', type=int, default=None, help='stdlib files in the validation corpus (default: all)')
     p.add_argument('--no-speed', action='store_true', help='skip the generation-speed measurement')
@@ -110,38 +102,38 @@ def _eval_parser(p):
     return go
 
 def _sampling(p):
+    "The arguments of commands that generate: the model and how to decode."
+    _model_arg(p)
     p.add_argument('--max-new-tokens', type=int, default=256, help='longest reply, in tokens')
     p.add_argument('--temperature', type=float, default=0.0, help='0 for greedy decoding, >0 to sample')
     p.add_argument('--top-k', type=int, default=50, help='with --temperature > 0: sample among the k likeliest tokens')
 
-def _sampling_kwargs(a):
-    return dict(do_sample=True, temperature=a.temperature, top_k=a.top_k) if a.temperature > 0 else dict(do_sample=False)
+def _model_and_sampling(a):
+    "The model (eval mode), its tokenizer and the `generate` keyword arguments the command line asked for."
+    from small_doge.sft import load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer(a.model)
+    sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k) if a.temperature > 0 else dict(do_sample=False)
+    return model.eval(), tok, dict(max_new_tokens=a.max_new_tokens, **sampling)
 
 @command('chat', 'chat with a model in the terminal (streams replies; /reset, /exit)')
 def _chat_parser(p):
-    p.add_argument('--model', required=True, help='model directory, run folder or run:<recipe>')
-    p.add_argument('--system', default=None, help='a system prompt')
     _sampling(p)
+    p.add_argument('--system', default=None, help='a system prompt')
     def go(a):
-        from small_doge.sft import load_model_and_tokenizer
         from small_doge.evaluate import chat_repl
-        model, tok = load_model_and_tokenizer(a.model)
-        chat_repl(model.eval(), tok, system=a.system, max_new_tokens=a.max_new_tokens, **_sampling_kwargs(a))
+        model, tok, gen = _model_and_sampling(a)
+        chat_repl(model, tok, system=a.system, **gen)
     return go
 
 @command('generate', 'continue a text prompt with a model, streaming the tokens')
 def _generate_parser(p):
-    p.add_argument('--model', required=True, help='model directory, run folder or run:<recipe>')
-    p.add_argument('--prompt', required=True, help='the text to continue')
     _sampling(p)
+    p.add_argument('--prompt', required=True, help='the text to continue')
     def go(a):
         import torch
         from transformers import TextStreamer
-        from small_doge.sft import load_model_and_tokenizer
-        model, tok = load_model_and_tokenizer(a.model)
-        ids = tok(a.prompt, return_tensors='pt')
-        with torch.no_grad():
-            model.eval().generate(**ids, max_new_tokens=a.max_new_tokens, streamer=TextStreamer(tok), **_sampling_kwargs(a))
+        model, tok, gen = _model_and_sampling(a)
+        with torch.no_grad(): model.generate(**tok(a.prompt, return_tensors='pt'), streamer=TextStreamer(tok), **gen)
     return go
 
 # %% ../nbs/20_cli.ipynb #644057c4

@@ -14,7 +14,7 @@ from .core import ConfigError, DataError, atomic_write, seed_everything, in_test
 __all__ = ['TRAINING_STAGES', 'PRESETS', 'SAMPLE_PROMPTS', 'STAGES', 'CURVES', 'Preset', 'corpus_summary', 'load_corpus',
            'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer', 'stage_pretrain',
            'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples', 'measured_effects', 'plot_curves',
-           'write_report', 'run_pipeline']
+           'write_report', 'reuse_stage', 'run_pipeline']
 
 # %% ../nbs/19_pipeline.ipynb #a75e5f28
 @dataclass
@@ -226,6 +226,20 @@ def write_report(ctx, seconds: dict) -> Path:
     return ctx.out_dir/'report.md'
 
 # %% ../nbs/19_pipeline.ipynb #4b678218
+def reuse_stage(ctx, name) -> dict | None:
+    "Results of stage `name` left in the run folder by an earlier run (its artifact recorded in `ctx`), or None."
+    d = ctx.out_dir/name
+    if name == 'corpus' and (d/'dataset_dict.json').exists():
+        ctx.artifacts[name] = d
+        return dict(path=str(d), **corpus_summary(load_corpus(d)))
+    if name == 'tokenizer' and (d/'summary.json').exists() and (d/'tokenizer.json').exists():
+        ctx.artifacts[name] = d
+        return json.loads((d/'summary.json').read_text())
+    if name in TRAINING_STAGES and (d/'results.json').exists() and (d/'model'/'config.json').exists():
+        ctx.artifacts[name] = d/'model'
+        return json.loads((d/'results.json').read_text())
+    return None
+
 def run_pipeline(preset='tiny', out_dir=None, stages=None) -> dict:
     "Run `stages` (default: all of the preset's) in order into `out_dir`; return a summary with the report path."
     if isinstance(preset, str):
@@ -235,6 +249,10 @@ def run_pipeline(preset='tiny', out_dir=None, stages=None) -> dict:
     if bad := [s for s in stages if s not in STAGES]: raise ConfigError(f'unknown stages {bad}; choose from {list(STAGES)}')
     ctx = RunContext(preset, Path(out_dir or Path('runs')/preset.name))
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in preset.stages:   # stages not asked for: what an earlier run into this folder left, if anything
+        if name not in stages and (info := reuse_stage(ctx, name)) is not None:
+            ctx.results[name] = info
+            print(f'[{name}] reused from {ctx.out_dir/name}', flush=True)
     seed_everything(0)
     seconds = {}
     for name in stages:

@@ -95,10 +95,16 @@ def test_packaged_in_wheel_metadata():
 
 def _tiny_model(**kw):
     from small_doge.doge import DogeConfig, DogeForCausalLM
-    return DogeForCausalLM(DogeConfig.from_preset('tiny', vocab_size=64, **kw))
+    return DogeForCausalLM(DogeConfig.from_preset('tiny', vocab_size=300, **kw))
 
 
-def test_trl_dense_model_has_no_aux_loss(tmp_path):
+@pytest.fixture(scope='module')
+def tok():
+    from small_doge.tokenizer import train_tokenizer
+    return train_tokenizer(['def f(x):\n    return x + 1\n'] * 20, vocab_size=300)
+
+
+def test_trl_dense_model_has_no_aux_loss(tmp_path, tok):
     "A dense Doge must not be treated as MoE by TRL (aux loss on missing router logits -> IndexError)."
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -108,16 +114,19 @@ def test_trl_dense_model_has_no_aux_loss(tmp_path):
     assert hasattr(HFDogeConfig(), 'output_router_logits') and router_aux_loss_coef(HFDogeConfig()) == 0.0
     model = _tiny_model()
     assert router_aux_loss_coef(model.config) == 0.0
+    model.config.output_router_logits = False       # declare the field, as transformers' DogeConfig does: the trap
     ds = Dataset.from_dict({'input_ids': [[1, 5, 6, 7, 8, 2]] * 8})
-    args = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], bf16=False,
-                     activation_checkpointing=False, router_aux_loss_coef=router_aux_loss_coef(model.config),
-                     logging_steps=1, save_strategy='no', dataset_kwargs={'skip_prepare_dataset': True}, use_cpu=True)
-    tr = SFTTrainer(model=model, args=args, train_dataset=ds)
+    def args(coef): return SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], bf16=False,
+                                     activation_checkpointing=False, router_aux_loss_coef=coef, logging_steps=1,
+                                     save_strategy='no', dataset_kwargs={'skip_prepare_dataset': True}, use_cpu=True)
+    assert SFTTrainer(model=model, args=args(None), train_dataset=ds, processing_class=tok).aux_loss_enabled  # TRL: "MoE"
+    tr = SFTTrainer(model=model, args=args(router_aux_loss_coef(model.config)), train_dataset=ds, processing_class=tok)
     assert not tr.aux_loss_enabled
     tr.train()
+    assert all('aux_loss' not in h for h in tr.state.log_history)
 
 
-def test_trl_moe_model_keeps_aux_loss(tmp_path):
+def test_trl_moe_model_keeps_aux_loss(tmp_path, tok):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from small_doge.sft import router_aux_loss_coef
@@ -127,7 +136,7 @@ def test_trl_moe_model_keeps_aux_loss(tmp_path):
     args = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], bf16=False,
                      activation_checkpointing=False, router_aux_loss_coef=router_aux_loss_coef(model.config),
                      logging_steps=1, save_strategy='no', dataset_kwargs={'skip_prepare_dataset': True}, use_cpu=True)
-    tr = SFTTrainer(model=model, args=args, train_dataset=ds)
+    tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     assert tr.aux_loss_enabled
     tr.train()
     assert any('aux_loss' in h for h in tr.state.log_history)
