@@ -20,9 +20,9 @@ __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS',
            'THINK_END', 'ANSWER_START', 'ANSWER_END', 'stdlib_root', 'stdlib_files', 'hash_unit', 'module_name',
            'module_docstrings', 'docstrings_text', 'pydoc_topics', 'pystdlib_corpus', 'MissingDataError', 'load_local',
            'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs', 'instruction_dataset',
-           'preference_dataset', 'arithmetic_trace', 'format_trace', 'reasoning_dataset', 'completion_text',
-           'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward', 'format_reward', 'mqar_dataset',
-           'ByteTokenizer', 'pack_dataset', 'packed_attention_mask']
+           'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace', 'reasoning_dataset',
+           'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward', 'format_reward',
+           'mqar_dataset', 'ByteTokenizer', 'pack_dataset', 'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
 def stdlib_root() -> Path:
@@ -346,9 +346,20 @@ def _reduce_once(node: ast.expr) -> tuple[ast.expr, bool]:
     right, done = _reduce_once(node.right)
     return ast.BinOp(node.left, node.op, right), done
 
+def parse_arithmetic(expr: str) -> ast.expr:
+    "`expr` as a tree of integers (negative ones included) and + - *; anything else raises `DataError`."
+    def clean(node):
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            node = ast.Constant(-node.operand.value) if type(node.operand.value) is int else node
+        if isinstance(node, ast.Constant) and type(node.value) is int: return node
+        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS: return ast.BinOp(clean(node.left), node.op, clean(node.right))
+        raise DataError(f'not an arithmetic expression of integers and + - *: {expr!r}')
+    try: return clean(ast.parse(expr.strip(), mode='eval').body)
+    except SyntaxError as e: raise DataError(f'not an arithmetic expression of integers and + - *: {expr!r}') from e
+
 def arithmetic_trace(expr: str) -> list[str]:
     "The expression rewritten one operation at a time down to its value: ['(3 + 4) * 5', '7 * 5', '35']."
-    node = ast.parse(expr, mode='eval').body
+    node = parse_arithmetic(expr)
     steps = [ast.unparse(node)]
     while isinstance(node, ast.BinOp):
         node, _ = _reduce_once(node); steps.append(ast.unparse(node))
@@ -468,7 +479,7 @@ class ByteTokenizer:
 # %% ../nbs/01_data.ipynb #522def96
 def _tokenize_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     "Token ids for a batch of texts: a transformers-style tokenizer (called, no special tokens) or a callable str->ids."
-    try: out = tokenizer(texts, add_special_tokens=False)
+    try: out = tokenizer(texts, add_special_tokens=False, verbose=False)   # documents longer than the model are fine: they get split
     except TypeError: out = [tokenizer(t) for t in texts]
     return out['input_ids'] if isinstance(out, dict) or hasattr(out, 'keys') else out
 

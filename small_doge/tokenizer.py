@@ -93,7 +93,7 @@ def bytes_per_token(tokenizer, texts: Sequence[str]) -> float:
     "UTF-8 bytes per token of `texts` under `tokenizer` (higher is better compression)."
     texts = list(texts)
     if not texts: raise DataError('bytes_per_token needs at least one text')
-    n_tok = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)['input_ids'])
+    n_tok = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)['input_ids'])
     return sum(len(t.encode('utf-8')) for t in texts) / max(n_tok, 1)
 
 # %% ../nbs/02_tokenizer.ipynb #be43da4f

@@ -2,6 +2,8 @@
 import os
 import pytest
 
+import small_doge   # first: on a machine without a GPU it chooses Triton's interpreter before anything imports triton
+
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')

@@ -3,9 +3,9 @@ import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
-def small_doge(*args, home, check=True):
+def small_doge(*args, home, check=True, timeout=600):
     env = dict(os.environ, SMALL_DOGE_HOME=str(home), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
-    r = subprocess.run([sys.executable, '-m', 'small_doge.cli', *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, '-m', 'small_doge.cli', *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
     if check: assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -41,8 +41,24 @@ def test_run_first_stages(tmp_path):
     assert '[corpus]' in r.stdout and '[tokenizer]' in r.stdout
     report = (tmp_path/'run'/'report.md').read_text()
     assert 'tokenizer' in report and (tmp_path/'run'/'results.json').exists() and summary['report'].endswith('report.md')
+    again = small_doge('run', '--preset', 'tiny', '--stages', 'tokenizer', '--out', tmp_path/'run', home=tmp_path).stdout
+    assert '[corpus] reused from' in again and '[tokenizer] ' in again       # a later run picks up finished stages
+    assert list(json.loads((tmp_path/'run'/'results.json').read_text())['results']) == ['corpus', 'tokenizer']
     r = small_doge('run', '--preset', 'tiny', '--stages', 'corpus,nope', '--out', tmp_path/'run2', home=tmp_path, check=False)
     assert r.returncode == 2 and "unknown stages ['nope']" in r.stderr
+
+@pytest.mark.slow
+def test_tiny_run_shows_the_four_effects(tmp_path):
+    "The README's main command, end to end (about 15 minutes on 2 cores), and what each stage is measured to do."
+    r = small_doge('run', '--preset', 'tiny', '--out', tmp_path/'run', home=tmp_path, timeout=3600)
+    effects = json.loads(r.stdout[r.stdout.index('{', r.stdout.index('[samples]')):])['effects']
+    assert sorted(effects) == ['dpo', 'pretrain', 'reason', 'sft'], effects
+    assert all(effects[s].startswith('holds') for s in ('pretrain', 'sft', 'dpo')), effects
+    # reasoning: trace SFT teaches the task; GRPO at the tiny size keeps it (lesson 13 shows why it does not add more)
+    reason = json.loads((tmp_path/'run'/'reason'/'results.json').read_text())
+    assert reason['accuracy_after_sft'] > reason['accuracy_start'] + 0.1, reason
+    assert reason['accuracy_after_grpo'] >= reason['accuracy_after_sft'] - 0.05, reason
+    for f in ('report.md', 'results.json', 'curves.png', 'reason/model/model.safetensors'): assert (tmp_path/'run'/f).exists(), f
 
 def test_bad_input_is_one_clear_error(tmp_path):
     r = small_doge('corpus', '--out', tmp_path/'c', '--files', tmp_path/'missing.txt', home=tmp_path, check=False)
