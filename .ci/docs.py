@@ -12,6 +12,22 @@ from nbtools import shown, lesson_notebooks
 def page_name(nb): return 'index.html' if nb.stem == 'index' else nb.stem + '.html'
 
 STYLE = re.compile(r'<style[^>]*>(.*?)</style>\s*', re.S)
+MODULE = re.compile(r'<script type="module">(.*?)</script>', re.S)
+
+def share_scripts(pages):
+    "Move the inline module scripts every page has (nbconvert's diagram loader) into one page.js."
+    blocks = [MODULE.findall(t) for t in pages.values() if t.startswith('<!DOCTYPE')]
+    common = [b for b in blocks[0] if all(b in bl for bl in blocks[1:])]
+    out = {n: MODULE.sub(lambda m: '<script type="module" src="page.js"></script>' if m.group(1) in common else m.group(0), t)
+           for n, t in pages.items()}
+    if common: out['page.js'] = '\n'.join(common)
+    return out
+
+def title(nb):
+    "The notebook's first `# ` heading (the page title), or its file name."
+    for c in nb.cells:
+        if c.cell_type == 'markdown' and (m := re.search(r'^# (.+)$', c.source, re.M)): return m.group(1).strip()
+    return nb.metadata.get('name', 'small-doge')
 
 def share_styles(pages):
     "Move the <style> blocks every page has into one style.css, linked from each page (not thousands of lines each)."
@@ -36,9 +52,10 @@ def render():
     exporter = HTMLExporter(template_name='lab')
     pages = {}
     for nb in nbs:
-        body, _ = exporter.from_notebook_node(shown(nb))
+        node = shown(nb)
+        body, _ = exporter.from_notebook_node(node, resources={'metadata': {'name': f'{title(node)} - small-doge'}})
         pages[page_name(nb)] = body.replace('<main>', '<main>' + nav, 1)
-    return share_styles(pages)
+    return share_scripts(share_styles(pages))
 
 if __name__ == '__main__':
     pages, out = render(), Path('docs')
