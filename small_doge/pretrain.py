@@ -422,6 +422,7 @@ def _save_final(trainer, tokenizer, model_dir: Path):
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
+        (staging/'training_args.bin').unlink(missing_ok=True)   # a pickle; recipe.yaml beside the model says how it was trained
         if tokenizer is not None: tokenizer.save_pretrained(str(staging))
         old = model_dir.with_name(f'.old-{model_dir.name}')
         if model_dir.exists(): os.replace(model_dir, old)
