@@ -1,7 +1,7 @@
 """Build the static site in docs/ from the notebooks (nbdev_docs needs quarto, which is not installable here).
 
 One HTML page per notebook (hidden cells dropped, outputs kept), docs/index.html from nbs/index.ipynb, and the
-style sheet they share.
+style sheet and script they share.
 Usage: python .ci/docs.py [--check]   (--check: exit 1 if docs/ is not current)"""
 import sys, html, re
 from pathlib import Path
@@ -14,36 +14,27 @@ def page_name(nb): return 'index.html' if nb.stem == 'index' else nb.stem + '.ht
 STYLE = re.compile(r'<style[^>]*>(.*?)</style>\s*', re.S)
 MODULE = re.compile(r'<script type="module">(.*?)</script>', re.S)
 
-def share_scripts(pages):
-    "Move the inline module scripts every page has (nbconvert's diagram loader) into one page.js."
-    blocks = [MODULE.findall(t) for t in pages.values() if t.startswith('<!DOCTYPE')]
+def share_blocks(pages, pattern, shared_name, link):
+    "Move the blocks (`pattern`'s group 1) every HTML page has into `shared_name`, linked once from each page."
+    html_pages = {n: t for n, t in pages.items() if n.endswith('.html')}
+    blocks = [pattern.findall(t) for t in html_pages.values()]
     common = [b for b in blocks[0] if all(b in bl for bl in blocks[1:])]
-    out = {n: MODULE.sub(lambda m: '<script type="module" src="page.js"></script>' if m.group(1) in common else m.group(0), t)
-           for n, t in pages.items()}
-    if common: out['page.js'] = '\n'.join(common)
-    return out
-
-def title(nb):
-    "The notebook's first `# ` heading (the page title), or its file name."
-    for c in nb.cells:
-        if c.cell_type == 'markdown' and (m := re.search(r'^# (.+)$', c.source, re.M)): return m.group(1).strip()
-    return nb.metadata.get('name', 'small-doge')
-
-def share_styles(pages):
-    "Move the <style> blocks every page has into one style.css, linked from each page (not thousands of lines each)."
-    blocks = [STYLE.findall(t) for t in pages.values()]
-    common = [b for b in blocks[0] if all(b in bl for bl in blocks[1:])]
-    out = {}
-    for name, text in pages.items():
+    if not common: return pages
+    def strip(text):
         first = True
         def swap(m):
             nonlocal first
             if m.group(1) not in common: return m.group(0)
-            link, first = ('<link rel="stylesheet" href="style.css">\n' if first else ''), False
-            return link
-        out[name] = STYLE.sub(swap, text)
-    out['style.css'] = '\n'.join(common)
-    return out
+            out, first = (link if first else ''), False
+            return out
+        return pattern.sub(swap, text)
+    return {**pages, **{n: strip(t) for n, t in html_pages.items()}, shared_name: '\n'.join(common)}
+
+def title(nb):
+    "The notebook's first `# ` heading (the page title), or its metadata name."
+    for c in nb.cells:
+        if c.cell_type == 'markdown' and (m := re.search(r'^# (.+)$', c.source, re.M)): return m.group(1).strip()
+    return nb.metadata.get('name', 'small-doge')
 
 def render():
     nbs = lesson_notebooks()
@@ -55,7 +46,9 @@ def render():
         node = shown(nb)
         body, _ = exporter.from_notebook_node(node, resources={'metadata': {'name': f'{title(node)} - small-doge'}})
         pages[page_name(nb)] = body.replace('<main>', '<main>' + nav, 1)
-    return share_scripts(share_styles(pages))
+    # nbconvert inlines thousands of lines of CSS (and a diagram loader) into every page: share them instead
+    pages = share_blocks(pages, STYLE, 'style.css', '<link rel="stylesheet" href="style.css">\n')
+    return share_blocks(pages, MODULE, 'page.js', '<script type="module" src="page.js"></script>')
 
 if __name__ == '__main__':
     pages, out = render(), Path('docs')
