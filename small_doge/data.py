@@ -18,11 +18,11 @@ from .core import ConfigError, DataError, atomic_dir, doge_home, in_test
 # %% auto #0
 __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS', 'INSTRUCTION_TEMPLATES', 'THINK_START',
            'THINK_END', 'ANSWER_START', 'ANSWER_END', 'stdlib_root', 'stdlib_files', 'hash_unit', 'module_name',
-           'module_docstrings', 'docstrings_text', 'pydoc_topics', 'pystdlib_corpus', 'MissingDataError', 'load_local',
-           'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs', 'instruction_dataset',
-           'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace', 'reasoning_dataset',
-           'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward', 'format_reward',
-           'mqar_dataset', 'ByteTokenizer', 'pack_dataset', 'packed_attention_mask']
+           'module_docstrings', 'docstrings_text', 'pydoc_topics', 'pystdlib_corpus', 'MissingDataError',
+           'read_data_file', 'load_local', 'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs',
+           'instruction_dataset', 'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace',
+           'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward',
+           'format_reward', 'mqar_dataset', 'ByteTokenizer', 'pack_dataset', 'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
 def stdlib_root() -> Path:
@@ -183,6 +183,15 @@ def _quiet_datasets():
         datasets.logging.set_verbosity(level)
         if not bars_off: datasets.enable_progress_bars()
 
+def read_data_file(builder: str, path, what: str | None = None, **kwargs) -> Dataset:
+    "One file through `datasets.load_dataset(builder)`; a parse error becomes one `DataError` naming the file and the cause."
+    try:
+        with _quiet_datasets(): return datasets.load_dataset(builder, data_files=str(path), split='train', **kwargs)
+    except Exception as e:   # datasets wraps parse errors in DatasetGenerationError; report the cause
+        cause = e.__cause__ or e.__context__ or e
+        problem = 'not UTF-8 text' if isinstance(cause, UnicodeDecodeError) else f'not valid {what or builder}'
+        raise DataError(f'{path}: {problem} ({type(cause).__name__}: {str(cause)[:200]})') from e
+
 # %% ../nbs/01_data.ipynb #f9f0b57a
 def load_local(paths, fmt: str | None = None, text_column: str = 'text', sample_by: str = 'document',
                cache_dir: str | Path | None = None) -> Dataset:
@@ -201,12 +210,7 @@ def _load_local(files, builders, fmt, text_column, sample_by, load_kw) -> Datase
         if builder is None: raise DataError(f'{f}: cannot tell the format from the suffix {f.suffix!r}; pass fmt=')
         kw = dict(sample_by=sample_by, encoding_errors='strict') if builder == 'text' else {}
         if f.stat().st_size == 0: raise DataError(f'{f}: empty file')
-        try:
-            with _quiet_datasets(): ds = datasets.load_dataset(builder, data_files=str(f), split='train', **kw, **load_kw)
-        except Exception as e:   # datasets wraps parse errors in DatasetGenerationError; report the cause
-            cause = e.__cause__ or e.__context__ or e
-            what = 'not UTF-8 text' if isinstance(cause, UnicodeDecodeError) else f'not valid {builder}'
-            raise DataError(f'{f}: {what} ({type(cause).__name__}: {str(cause)[:200]})') from e
+        ds = read_data_file(builder, f, **kw, **load_kw)
         col = text_column if builder != 'text' else 'text'
         if col not in ds.column_names: raise DataError(f'{f}: no column {col!r} (columns: {ds.column_names})')
         if getattr(ds.features[col], 'dtype', None) not in ('string', 'large_string'):

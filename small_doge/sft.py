@@ -132,18 +132,13 @@ class SFTRecipe(Recipe):
 def load_examples(recipe, columns: list[str], what: str):
     "A recipe's `hub:<preset>` or local JSON-lines/Parquet data, capped at `data_max_examples` and split (train, test)."
     import datasets
-    from small_doge.data import _quiet_datasets, load_hub_mix
+    from small_doge.data import load_hub_mix, read_data_file
     if recipe.data.startswith('hub:'):
         ds = load_hub_mix(recipe.data[4:], streaming=False, seed=recipe.seed)
     else:
         p = Path(recipe.data).expanduser()
         if not p.is_file(): raise DataError(f'{what} not found: {p}')
-        try:
-            with _quiet_datasets():
-                ds = datasets.load_dataset('parquet' if p.suffix == '.parquet' else 'json', data_files=str(p), split='train')
-        except Exception as e:   # datasets wraps parse errors; name the file and the cause
-            cause = e.__cause__ or e.__context__ or e
-            raise DataError(f'{p}: not valid {what} ({type(cause).__name__}: {str(cause)[:200]})') from e
+        ds = read_data_file('parquet' if p.suffix == '.parquet' else 'json', p, what)
     if missing := set(columns) - set(ds.column_names):
         raise DataError(f'{recipe.data}: {what} lacks columns {sorted(missing)} (has {ds.column_names})')
     if recipe.data_max_examples: ds = ds.select(range(min(len(ds), recipe.data_max_examples)))
