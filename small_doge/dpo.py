@@ -137,6 +137,7 @@ def run_dpo(recipe: DPORecipe | str | Path, callbacks: list | None = None, **ove
     from trl import DPOConfig
     from small_doge.pretrain import _save_final
     recipe = as_recipe(recipe, 'dpo', **overrides)
+    if recipe.rejected not in ('dataset', 'self'): raise ConfigError(f"rejected must be 'dataset' or 'self', got {recipe.rejected!r}")
     t0 = time.time()
     start_run(recipe)
     resume = resolve_resume(recipe)
@@ -144,7 +145,6 @@ def run_dpo(recipe: DPORecipe | str | Path, callbacks: list | None = None, **ove
     ref = load_model_and_tokenizer(recipe.ref_model_path, recipe.attn_backend)[0].eval() if recipe.ref_model_path else frozen_copy(model)
     ref.requires_grad_(False)
     dsd = dpo_datasets(recipe)
-    if recipe.rejected not in ('dataset', 'self'): raise ConfigError(f"rejected must be 'dataset' or 'self', got {recipe.rejected!r}")
     heldout = dsd['test'].select(range(min(len(dsd['test']), recipe.max_eval_examples)))
     original = None
     if recipe.rejected == 'self':
