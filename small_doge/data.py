@@ -22,7 +22,8 @@ __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS',
            'read_data_file', 'load_local', 'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs',
            'instruction_dataset', 'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace',
            'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward',
-           'format_reward', 'mqar_dataset', 'ByteTokenizer', 'pack_dataset', 'packed_attention_mask']
+           'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset', 'ByteTokenizer', 'pack_dataset',
+           'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
 def stdlib_root() -> Path:
@@ -447,6 +448,19 @@ def accuracy_reward(completions, answer, **kwargs) -> list[float]:
 def format_reward(completions, **kwargs) -> list[float]:
     "GRPO reward: 1.0 for each completion in the think/answer format, else 0.0."
     return [float(format_ok(c)) for c in completions]
+
+# %% ../nbs/01_data.ipynb #ececdd80
+_THINK_RE = re.compile(r'<think>\n(.*?)\n</think>', re.DOTALL)
+
+def think_steps(completion) -> list[str] | None:
+    "The lines of the first `<think>` block, stripped and without a leading '= ', or None when there is no block."
+    m = _THINK_RE.search(completion_text(completion))
+    return [line.strip().removeprefix('= ').strip() for line in m.group(1).split('\n')] if m else None
+
+def trace_reward(completions, trace, **kwargs) -> list[float]:
+    "GRPO reward: 1.0 when the answer is right and every step matches the reference `trace`; a lucky guess gets 0."
+    return [float(check_answer(c, extract_answer(t)) and think_steps(c) == think_steps(t))
+            for c, t in zip(completions, trace, strict=True)]
 
 # %% ../nbs/01_data.ipynb #43718d19
 def mqar_dataset(n_train: int = 2000, n_test: int = 200, num_kv_pairs: int = 8, num_queries: int | None = None,

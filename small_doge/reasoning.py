@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-import torch
+import numpy as np, torch
 
 from .core import ConfigError, DataError, in_test, seed_everything
 from .pretrain import AtomicCheckpointMixin, Recipe, as_recipe, eval_history, quiet, resolve_resume, \
@@ -16,17 +17,27 @@ from .pretrain import AtomicCheckpointMixin, Recipe, as_recipe, eval_history, qu
 from .sft import generate_replies, load_model_and_tokenizer, router_aux_loss_coef
 
 # %% auto #0
-__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'run_trace_sft', 'run_grpo', 'run_reasoning']
+__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'run_trace_sft', 'accuracy_check_reward',
+           'run_grpo', 'paired_change', 'run_reasoning']
 
 # %% ../nbs/13_reasoning.ipynb #42bd4e27
-def checker_accuracy(model, tokenizer, dataset, max_new_tokens: int = 128, batch_size: int = 32, n_samples: int = 3) -> dict:
-    "Greedy completions for `dataset` (prompt, answer): fraction correct by `check_answer`, fraction well formatted, samples."
+def checker_accuracy(model, tokenizer, dataset, max_new_tokens: int = 128, batch_size: int = 32, n_samples: int = 3,
+                     temperature: float = 0.0, samples_per_problem: int = 1, seed: int = 0) -> dict:
+    """Completions for `dataset` (prompt, answer) scored by `check_answer`: one greedy completion per problem
+    (temperature 0), or `samples_per_problem` sampled at `temperature` (plain softmax sampling, as GRPO samples;
+    seeded, the global RNG is left as it was). Returns the fraction correct (overall and per problem), the fraction
+    well formatted, and a few samples."""
     from small_doge.data import check_answer, format_ok
-    replies = generate_replies(model, tokenizer, list(dataset['prompt']), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    correct = [check_answer(r, a) for r, a in zip(replies, dataset['answer'])]
+    k = samples_per_problem if temperature > 0 else 1
+    prompts, answers = [p for p in dataset['prompt'] for _ in range(k)], [a for a in dataset['answer'] for _ in range(k)]
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+    with torch.random.fork_rng(devices=[model.device] if temperature > 0 and model.device.type == 'cuda' else []):
+        torch.manual_seed(seed)
+        replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **sampling)
+    correct = [check_answer(r, a) for r, a in zip(replies, answers)]
     return dict(accuracy=sum(correct) / max(1, len(correct)), format_rate=sum(map(format_ok, replies)) / max(1, len(replies)),
-                n=len(replies), samples=[dict(prompt=p[0]['content'], reply=r, answer=a, correct=c) for p, r, a, c in
-                                         list(zip(dataset['prompt'], replies, dataset['answer'], correct))[:n_samples]])
+                n=len(replies), per_problem=[sum(correct[i:i + k]) / k for i in range(0, len(correct), k)], samples=[dict(prompt=p[0]['content'], reply=r, answer=a, correct=c) for p, r, a, c in
+                                         list(zip(prompts, replies, answers, correct))[::k][:n_samples]])
 
 # %% ../nbs/13_reasoning.ipynb #ee093fd4
 @dataclass
@@ -42,6 +53,7 @@ class ReasonRecipe(Recipe):
     max_value: int = 9
     ops: str = '+-*'
     max_eval_examples: int = 200
+    eval_samples: int = 8                # sampled completions per held-out problem (at `temperature`) for the sampled accuracy
     max_prompt_length: int = 512         # prompts longer than this (tokens) are dropped
     # step 1: SFT on traces
     skip_sft: bool = False
@@ -55,11 +67,13 @@ class ReasonRecipe(Recipe):
     max_steps: int = 200
     per_device_train_batch_size: int = 16
     num_generations: int = 8
+    num_iterations: int = 1              # optimiser steps on each batch of completions (PPO-style reuse, clipped)
     max_completion_length: int = 1024
     temperature: float = 1.0
     beta: float = 0.0                    # KL to a reference; 0 (TRL's default) needs no reference model
     loss_type: str = 'dapo'
     scale_rewards: str = 'group'
+    accuracy_check: str = 'answer'       # 'answer': reward a right answer; 'trace': only when every step is right too
     reward_weights: list = field(default_factory=lambda: [1.0, 1.0])   # accuracy, format
     lr_scheduler_type: str = 'constant_with_warmup'
     save_steps: int | None = None
@@ -75,6 +89,13 @@ def reasoning_datasets(recipe: ReasonRecipe, tokenizer=None):
     for k in ('train', 'test'):
         if len(dsd[k]) == 0: raise DataError(f'no {k} problems left with prompts of at most {recipe.max_prompt_length} tokens')
     return dsd
+
+def heldout_accuracy(model, tokenizer, test, recipe: ReasonRecipe) -> dict:
+    "`checker_accuracy` on `test`, greedy, plus `sampled_accuracy` (and per problem): recipe.eval_samples per problem, sampled as GRPO samples."
+    greedy = checker_accuracy(model, tokenizer, test, max_new_tokens=recipe.max_completion_length)
+    sampled = checker_accuracy(model, tokenizer, test, max_new_tokens=recipe.max_completion_length, batch_size=128,
+                               temperature=recipe.temperature, samples_per_problem=recipe.eval_samples, seed=recipe.seed)
+    return dict(greedy, sampled_accuracy=sampled['accuracy'], sampled_per_problem=sampled['per_problem'])
 
 def run_trace_sft(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
     "Step 1: SFT on the traces (`messages`), assistant tokens only; returns the trainer (model trained in place)."
@@ -98,24 +119,40 @@ def _grpo_trainer_cls():
         "TRL's GRPOTrainer with atomic checkpoints."
     return DogeGRPOTrainer
 
+def accuracy_check_reward(name: str):
+    "The checker's GRPO reward for a recipe's `accuracy_check`: 'answer' -> `accuracy_reward`, 'trace' -> `trace_reward`."
+    from small_doge.data import accuracy_reward, trace_reward
+    checks = dict(answer=accuracy_reward, trace=trace_reward)
+    if name not in checks: raise ConfigError(f"accuracy_check must be one of {sorted(checks)}, got {name!r}")
+    return checks[name]
+
 def run_grpo(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
-    "Step 2: GRPO on the prompts with `accuracy_reward` and `format_reward`; returns the trainer (model trained in place)."
+    "Step 2: GRPO on the prompts, rewarded by the checker (`accuracy_reward` or `trace_reward`) and `format_reward`; returns the trainer."
     from trl import GRPOConfig
-    from small_doge.data import accuracy_reward, format_reward
+    from small_doge.data import format_reward
     r = recipe
+    check = accuracy_check_reward(r.accuracy_check)
     if (r.per_device_train_batch_size * r.gradient_accumulation_steps) % r.num_generations:
         raise ConfigError(f'per_device_train_batch_size x gradient_accumulation_steps '
                           f'({r.per_device_train_batch_size} x {r.gradient_accumulation_steps}) must be a multiple of num_generations ({r.num_generations})')
     args = training_arguments(r, cls=GRPOConfig, output_dir=str(r.run_dir()/'grpo'), num_generations=r.num_generations,
+                              num_iterations=r.num_iterations,
                               max_completion_length=r.max_completion_length, temperature=r.temperature, beta=r.beta,
                               loss_type=r.loss_type, scale_rewards=r.scale_rewards, reward_weights=list(r.reward_weights),
                               lr_scheduler_type=r.lr_scheduler_type, warmup_steps=r.warmup_ratio, eval_strategy='no',
                               router_aux_loss_coef=router_aux_loss_coef(model.config), log_completions=False)
-    trainer = _grpo_trainer_cls()(model=model, reward_funcs=[accuracy_reward, format_reward], args=args,
-                                  train_dataset=dsd['train'].select_columns(['prompt', 'answer']),
+    trainer = _grpo_trainer_cls()(model=model, reward_funcs=[check, format_reward], args=args,
+                                  train_dataset=dsd['train'].select_columns(['prompt', 'answer', 'trace']),
                                   processing_class=tokenizer, callbacks=callbacks)
     quiet(trainer, r).train(resume_from_checkpoint=resolve_resume(dataclasses.replace(r, output_dir=args.output_dir)))
     return trainer
+
+# %% ../nbs/13_reasoning.ipynb #f05ba0e9
+def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    "Mean per-problem change from `before` to `after` (the same problems) and its standard error."
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if len(d) < 2: raise DataError(f'need at least 2 problems to estimate the change, got {len(d)}')
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 # %% ../nbs/13_reasoning.ipynb #a5cdc7a7
 def _mean_reward(log_history, first: bool, n: int = 5) -> float | None:
@@ -125,15 +162,17 @@ def _mean_reward(log_history, first: bool, n: int = 5) -> float | None:
     return sum(part) / len(part)
 
 def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = None, **overrides) -> dict:
-    "Trace SFT then GRPO; returns held-out checker accuracy (start, after SFT, after GRPO), rewards, paths, timings."
+    "Trace SFT then GRPO; returns held-out checker accuracy, greedy and sampled (start, after SFT, after GRPO), rewards, paths, timings."
     from small_doge.pretrain import _save_final
     recipe = as_recipe(recipe, 'reason', **overrides)
+    if recipe.eval_samples < 1: raise ConfigError(f'eval_samples must be at least 1, got {recipe.eval_samples}')
+    accuracy_check_reward(recipe.accuracy_check)      # a bad name fails now, not after trace SFT
     t0 = time.time()
     start_run(recipe)
     model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
     dsd = reasoning_datasets(recipe, tokenizer)
     test = dsd['test'].select(range(min(len(dsd['test']), recipe.max_eval_examples)))
-    measure = lambda m: checker_accuracy(m, tokenizer, test, max_new_tokens=recipe.max_completion_length)
+    measure = lambda m: heldout_accuracy(m, tokenizer, test, recipe)
     start = measure(model)
     t1 = time.time()
     sft_logs = [] if recipe.skip_sft else run_trace_sft(recipe, model, tokenizer, dsd, callbacks).state.log_history
@@ -142,10 +181,14 @@ def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = No
     trainer = run_grpo(recipe, model, tokenizer, dsd, callbacks)
     t3 = time.time()
     after_grpo = measure(trainer.model)
+    gain, gain_se = paired_change(after_sft['sampled_per_problem'], after_grpo['sampled_per_problem'])
     out = recipe.run_dir()
     _save_final(trainer, tokenizer, out/'model')
     result = dict(stage='reason', name=recipe.name, output_dir=str(out), model_dir=str(out/'model'), start_model=recipe.model_path,
                   accuracy_start=start['accuracy'], accuracy_after_sft=after_sft['accuracy'], accuracy_after_grpo=after_grpo['accuracy'],
+                  sampled_accuracy_start=start['sampled_accuracy'], sampled_accuracy_after_sft=after_sft['sampled_accuracy'],
+                  sampled_accuracy_after_grpo=after_grpo['sampled_accuracy'], eval_samples=recipe.eval_samples,
+                  grpo_sampled_gain=gain, grpo_sampled_gain_se=gain_se,
                   format_rate_start=start['format_rate'], format_rate_after_sft=after_sft['format_rate'],
                   format_rate_after_grpo=after_grpo['format_rate'],
                   reward_first=_mean_reward(trainer.state.log_history, True), reward_last=_mean_reward(trainer.state.log_history, False),

@@ -20,8 +20,9 @@ __all__ = ['resolve_model_path', 'load_model_and_tokenizer', 'answer_loss', 'gen
            'router_aux_loss_coef', 'SFTRecipe', 'load_examples', 'sft_datasets', 'held_out_metrics', 'run_sft']
 
 # %% ../nbs/11_sft.ipynb #3c13cfc6
-def resolve_model_path(spec: str) -> str:
+def resolve_model_path(spec: str | Path) -> str:
     "A model directory from `spec`: a path, `run:<recipe name>` (that run's final model), or a hub id (returned as is)."
+    spec = str(spec or '')
     if not spec: raise ConfigError('model_path is empty: name a model directory, a hub id or run:<recipe name>')
     if spec.startswith('run:'):
         path = doge_home()/'runs'/spec[4:]/'model'
@@ -80,7 +81,8 @@ def answer_loss(model, tokenizer, conversations, batch_size: int = 16, max_lengt
 # %% ../nbs/11_sft.ipynb #d52cec09
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts, max_new_tokens: int = 64, batch_size: int = 16, **gen_kwargs) -> list[str]:
-    "Greedy replies (text up to and including the stop token, special tokens kept) to conversational `prompts`."
+    "Replies (text up to and including the stop token, special tokens kept) to conversational `prompts`: greedy unless `gen_kwargs` ask to sample."
+    gen_kwargs = dict(do_sample=False) | gen_kwargs
     model.eval()
     stops = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                 else [model.generation_config.eos_token_id])
@@ -90,7 +92,7 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens: int = 64, batch_
         for s in range(0, len(prompts), batch_size):
             texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[s:s + batch_size]]
             enc = tokenizer(texts, return_tensors='pt', padding=True, add_special_tokens=False).to(model.device)
-            gen = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'], do_sample=False,
+            gen = model.generate(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'],
                                  max_new_tokens=max_new_tokens, **gen_kwargs)
             for row in gen[:, enc['input_ids'].shape[1]:].tolist():
                 cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))

@@ -1,5 +1,6 @@
 "small_doge.reasoning: checker accuracy, the task's datasets, GRPO batch checks, and a tiny end-to-end run (trace SFT + GRPO)."
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,6 +47,25 @@ def test_checker_accuracy_counts_correct_and_well_formed(monkeypatch, tok):
     assert [s['correct'] for s in got['samples']] == [True, True]
 
 
+def test_sampled_checker_accuracy_repeats_problems_and_is_seeded(monkeypatch, tok, model_dir):
+    "Sampling asks for k completions per problem (the answers repeated to match), is reproducible, and leaves the global RNG alone."
+    ds = reasoning_dataset(n_train=10, n_test=3, seed=1)['test']
+    seen = {}
+    def fake(model, tokenizer, prompts, **kw):
+        seen.update(kw, n=len(prompts))
+        return [f"<think>\nx\n</think>\n<answer>{a}</answer>" for a in [a for a in ds['answer'] for _ in range(4)]]
+    monkeypatch.setattr('small_doge.reasoning.generate_replies', fake)
+    got = checker_accuracy(SimpleNamespace(device=torch.device('cpu')), tok, ds, temperature=0.7, samples_per_problem=4)
+    assert (got['accuracy'], got['n'], seen['n']) == (1.0, 12, 12) and (seen['do_sample'], seen['temperature'], seen['top_k']) == (True, 0.7, 0)
+    assert [s['answer'] for s in got['samples']] == list(ds['answer'])     # one sample shown per problem
+    monkeypatch.undo()
+    model, tok2 = load_model_and_tokenizer(model_dir)
+    state = torch.random.get_rng_state()
+    a, b = (checker_accuracy(model, tok2, ds, max_new_tokens=6, temperature=1.0, samples_per_problem=2, seed=5) for _ in range(2))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert [s['reply'] for s in a['samples']] == [s['reply'] for s in b['samples']] and a['n'] == 6
+
+
 def test_reasoning_datasets_hold_out_problems_and_drop_long_prompts(tok):
     r = ReasonRecipe(n_train=100, n_test=20, seed=3)
     dsd = reasoning_datasets(r, tok)
@@ -63,6 +83,9 @@ def test_grpo_batch_must_hold_whole_groups():
 def test_bad_recipe_and_missing_model(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'ops_'"): load_recipe('reason-tiny-cpu', ops_='+')
     with pytest.raises(CheckpointError): run_reasoning('reason-tiny-cpu', model_path=str(tmp_path / 'nope'), output_dir=str(tmp_path / 'r'))
+    with pytest.raises(ConfigError, match='eval_samples'): run_reasoning('reason-tiny-cpu', eval_samples=0, output_dir=str(tmp_path / 'r'))
+    with pytest.raises(ConfigError, match="accuracy_check must be one of \\['answer', 'trace'\\], got 'steps'"):
+        run_reasoning('reason-tiny-cpu', accuracy_check='steps', output_dir=str(tmp_path / 'r'))
 
 
 def test_run_reasoning_end_to_end(model_dir, tmp_path):
@@ -71,7 +94,8 @@ def test_run_reasoning_end_to_end(model_dir, tmp_path):
                         n_train=32, n_test=8, max_eval_examples=8, sft_max_steps=3, sft_batch_size=8, max_steps=2,
                         per_device_train_batch_size=8, num_generations=4, max_completion_length=12, logging_steps=1)
     assert res['grpo_steps'] == 2 and res['heldout_problems'] == 8
-    for k in ('accuracy_start', 'accuracy_after_sft', 'accuracy_after_grpo', 'format_rate_after_grpo'): assert 0.0 <= res[k] <= 1.0
+    for k in ('accuracy_start', 'accuracy_after_sft', 'accuracy_after_grpo', 'format_rate_after_grpo', 'sampled_accuracy_start',
+              'sampled_accuracy_after_sft', 'sampled_accuracy_after_grpo'): assert 0.0 <= res[k] <= 1.0
     assert [h['step'] for h in res['log_history'] if 'reward' in h] == [1, 2]
     assert any('loss' in h for h in res['sft_log_history'])
     saved = json.loads((tmp_path / 'reason' / 'results.json').read_text())
