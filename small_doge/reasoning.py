@@ -35,9 +35,11 @@ def checker_accuracy(model, tokenizer, dataset, max_new_tokens: int = 128, batch
         torch.manual_seed(seed)
         replies = generate_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **sampling)
     correct = [check_answer(r, a) for r, a in zip(replies, answers)]
+    per_problem = [sum(correct[i:i + k]) / k for i in range(0, len(correct), k)]
     return dict(accuracy=sum(correct) / max(1, len(correct)), format_rate=sum(map(format_ok, replies)) / max(1, len(replies)),
-                n=len(replies), per_problem=[sum(correct[i:i + k]) / k for i in range(0, len(correct), k)], samples=[dict(prompt=p[0]['content'], reply=r, answer=a, correct=c) for p, r, a, c in
-                                         list(zip(prompts, replies, answers, correct))[::k][:n_samples]])
+                n=len(replies), per_problem=per_problem,
+                samples=[dict(prompt=p[0]['content'], reply=r, answer=a, correct=c)       # the first sample of each problem
+                         for p, r, a, c in list(zip(prompts, replies, answers, correct))[::k][:n_samples]])
 
 # %% ../nbs/13_reasoning.ipynb #ee093fd4
 @dataclass
