@@ -22,7 +22,7 @@ __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS',
            'read_data_file', 'load_local', 'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs',
            'instruction_dataset', 'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace',
            'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward',
-           'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset', 'ByteTokenizer', 'pack_dataset',
+           'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset', 'ByteTokenizer', 'token_ids', 'pack_dataset',
            'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
@@ -495,8 +495,8 @@ class ByteTokenizer:
     def __len__(self): return self.vocab_size
 
 # %% ../nbs/01_data.ipynb #522def96
-def _tokenize_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    "Token ids for a batch of texts: a transformers-style tokenizer (called, no special tokens) or a callable str->ids."
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    "Token ids for a batch of texts, no special tokens: a transformers-style tokenizer (called) or a callable str->ids."
     try: out = tokenizer(texts, add_special_tokens=False, verbose=False)   # documents longer than the model are fine: they get split
     except TypeError: out = [tokenizer(t) for t in texts]
     return out['input_ids'] if isinstance(out, dict) or hasattr(out, 'keys') else out
@@ -516,7 +516,7 @@ def pack_dataset(ds: Dataset, tokenizer, block_size: int, text_column: str = 'te
     if add_bos and bos is None: raise ConfigError('add_bos=True but the tokenizer has no bos_token_id')
     docs = []
     for batch in tqdm(ds.iter(batch_size=batch_size), total=-(-len(ds) // batch_size), disable=not progress, desc='tokenize'):
-        for ids in _tokenize_batch(tokenizer, batch[text_column]):
+        for ids in token_ids(tokenizer, batch[text_column]):
             docs.append(np.asarray(([bos] if add_bos else []) + list(ids) + [eos], dtype=np.int32))
     if mode == 'truncate':
         cols = {'input_ids': [d[:block_size] for d in docs]}

@@ -23,7 +23,8 @@ __all__ = ['SEED_RESULTS', 'HUB_BENCHMARKS', 'EXIT_COMMANDS', 'encode', 'sequenc
 # %% ../nbs/14_eval.ipynb #c11f49b0
 def encode(tokenizer, text: str) -> list[int]:
     "Token ids of `text` without special tokens (a transformers tokenizer or `small_doge.data.ByteTokenizer`)."
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)['input_ids'])   # long texts are windowed later
+    from small_doge.data import token_ids
+    return list(token_ids(tokenizer, [text])[0])   # long texts are windowed later
 
 def _device(model) -> torch.device: return next(model.parameters()).device
 

@@ -374,7 +374,8 @@ def build_model(recipe: PretrainRecipe, tokenizer) -> DogeForCausalLM:
 
 # %% ../nbs/10_pretrain.ipynb #11c40231
 def _pack_batch(batch, tokenizer, block_size: int) -> dict:
-    stream = [i for ids in tokenizer(batch['text'], add_special_tokens=False, verbose=False)['input_ids'] for i in list(ids) + [tokenizer.eos_token_id]]
+    from small_doge.data import token_ids
+    stream = [i for ids in token_ids(tokenizer, batch['text']) for i in list(ids) + [tokenizer.eos_token_id]]
     return {'input_ids': [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]}
 
 def pack_stream(ds, tokenizer, block_size: int, batch_size: int = 1000):

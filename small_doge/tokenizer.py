@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .core import CheckpointError, ConfigError, DataError, atomic_dir, doge_home, in_test
-from .data import ANSWER_END, ANSWER_START, THINK_END, THINK_START, pystdlib_corpus
+from .data import ANSWER_END, ANSWER_START, THINK_END, THINK_START, pystdlib_corpus, token_ids
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'PAD', 'IM_START', 'IM_END', 'REASONING_TOKENS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'stop_token_ids',
@@ -93,7 +93,7 @@ def bytes_per_token(tokenizer, texts: Sequence[str]) -> float:
     "UTF-8 bytes per token of `texts` under `tokenizer` (higher is better compression)."
     texts = list(texts)
     if not texts: raise DataError('bytes_per_token needs at least one text')
-    n_tok = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)['input_ids'])
+    n_tok = sum(len(ids) for ids in token_ids(tokenizer, texts))
     return sum(len(t.encode('utf-8')) for t in texts) / max(n_tok, 1)
 
 # %% ../nbs/02_tokenizer.ipynb #be43da4f
