@@ -23,7 +23,7 @@ __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS',
            'instruction_dataset', 'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace',
            'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward',
            'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset', 'ByteTokenizer', 'token_ids', 'pack_dataset',
-           'packed_attention_mask']
+           'first_rows', 'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
 def stdlib_root() -> Path:
@@ -540,6 +540,11 @@ def pack_dataset(ds: Dataset, tokenizer, block_size: int, text_column: str = 'te
             cols['document_ids'].append(np.repeat(np.arange(len(starts), dtype=np.int32), seg_len))
             cols['position_ids'].append((np.arange(len(d)) - np.repeat(starts, seg_len)).astype(np.int32))
     return Dataset.from_dict(cols)
+
+# %% ../nbs/01_data.ipynb #001eb57b
+def first_rows(ds: Dataset, n: int | None) -> Dataset:
+    "The first `n` rows of `ds`; all of them when `n` is None or at least `len(ds)`."
+    return ds if n is None or n >= len(ds) else ds.select(range(n))
 
 # %% ../nbs/01_data.ipynb #ef9ddba1
 def packed_attention_mask(document_ids) -> np.ndarray:

@@ -145,7 +145,8 @@ def run_dpo(recipe: DPORecipe | str | Path, callbacks: list | None = None, **ove
     ref = load_model_and_tokenizer(recipe.ref_model_path, recipe.attn_backend)[0].eval() if recipe.ref_model_path else frozen_copy(model)
     ref.requires_grad_(False)
     dsd = dpo_datasets(recipe)
-    heldout = dsd['test'].select(range(min(len(dsd['test']), recipe.max_eval_examples)))
+    from small_doge.data import first_rows
+    heldout = first_rows(dsd['test'], recipe.max_eval_examples)
     original = None
     if recipe.rejected == 'self':
         original = heldout

@@ -251,7 +251,8 @@ def load_benchmark(name: str, split: str | None = None, limit: int | None = None
     convert = spec.pop('convert')
     spec['split'] = split or spec['split']
     ds = datasets.load_dataset(**{**spec, **load_kwargs})
-    if limit is not None: ds = ds.select(range(min(limit, len(ds))))
+    from small_doge.data import first_rows
+    ds = first_rows(ds, limit)
     return [convert(doc) for doc in ds]
 
 def evaluate_benchmarks(model, tokenizer, names: Sequence[str] = tuple(HUB_BENCHMARKS), limit: int | None = None,

@@ -463,7 +463,8 @@ def pretrain(recipe: PretrainRecipe | str | Path, callbacks: list | None = None,
         from small_doge.data import pack_dataset
         train = pack_dataset(corpus['train'], tokenizer, recipe.block_size)
         val = pack_dataset(corpus['validation'], tokenizer, recipe.block_size)
-    if recipe.max_val_blocks is not None and len(val) > recipe.max_val_blocks: val = val.select(range(recipe.max_val_blocks))
+    from small_doge.data import first_rows
+    val = first_rows(val, recipe.max_val_blocks)
     t_data = time.time() - t0
     model = build_model(recipe, tokenizer)
     if resume: check_checkpoint_fits(resume, model.config)

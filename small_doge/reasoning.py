@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_reasoning.ipynb #9629ac88
 from __future__ import annotations
-import dataclasses, os, time
+import copy, dataclasses, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +14,7 @@ import numpy as np, torch
 from .core import ConfigError, DataError, in_test, seed_everything
 from .pretrain import AtomicCheckpointMixin, Recipe, as_recipe, eval_history, quiet, resolve_resume, \
     start_run, training_arguments, write_results
+from .dpo import frozen_copy
 from .sft import generate_replies, load_model_and_tokenizer, router_aux_loss_coef
 
 # %% auto #0
@@ -117,8 +118,25 @@ def run_trace_sft(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
 # %% ../nbs/13_reasoning.ipynb #96e553fc
 def _grpo_trainer_cls():
     from trl import GRPOTrainer
+    from trl.models import prepare_deepspeed, prepare_fsdp
+    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
     class DogeGRPOTrainer(AtomicCheckpointMixin, GRPOTrainer):
-        "TRL's GRPOTrainer with atomic checkpoints."
+        """TRL's GRPOTrainer with atomic checkpoints and, when beta > 0, the policy as it is when GRPO starts as the KL
+        reference (a frozen copy). TRL would reload the checkpoint the policy came from: as transformers' own `doge`
+        class, and without the trace SFT the policy has had since."""
+        def __init__(self, model, args, **kwargs):
+            if not args.beta: return super().__init__(model=model, args=args, **kwargs)
+            if args.sync_ref_model or args.cast_lm_head_to_fp32:
+                raise ConfigError('sync_ref_model and cast_lm_head_to_fp32 are not supported with a frozen-copy reference')
+            ref = frozen_copy(model)             # before TRL patches the policy's forward
+            no_kl = copy.copy(args); no_kl.beta = 0.0         # so TRL builds no reference of its own
+            super().__init__(model=model, args=no_kl, **kwargs)
+            self.args, self.beta = args, args.beta
+            if args.disable_dropout: disable_dropout_in_model(ref)
+            add_fused_lm_head(ref, temperature=self.temperature)
+            if self.is_deepspeed_enabled: self.ref_model = prepare_deepspeed(ref, self.accelerator)
+            elif self.is_fsdp_enabled: self.ref_model = prepare_fsdp(ref, self.accelerator)
+            else: self.ref_model = self.accelerator.prepare_model(ref, evaluation_mode=True)
     return DogeGRPOTrainer
 
 def accuracy_check_reward(name: str):
@@ -173,7 +191,8 @@ def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = No
     start_run(recipe)
     model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
     dsd = reasoning_datasets(recipe, tokenizer)
-    test = dsd['test'].select(range(min(len(dsd['test']), recipe.max_eval_examples)))
+    from small_doge.data import first_rows
+    test = first_rows(dsd['test'], recipe.max_eval_examples)
     measure = lambda m: heldout_accuracy(m, tokenizer, test, recipe)
     start = measure(model)
     t1 = time.time()

@@ -134,7 +134,7 @@ class SFTRecipe(Recipe):
 def load_examples(recipe, columns: list[str], what: str):
     "A recipe's `hub:<preset>` or local JSON-lines/Parquet data, capped at `data_max_examples` and split (train, test)."
     import datasets
-    from small_doge.data import load_hub_mix, read_data_file
+    from small_doge.data import first_rows, load_hub_mix, read_data_file
     if recipe.data.startswith('hub:'):
         ds = load_hub_mix(recipe.data[4:], streaming=False, seed=recipe.seed)
     else:
@@ -143,7 +143,7 @@ def load_examples(recipe, columns: list[str], what: str):
         ds = read_data_file('parquet' if p.suffix == '.parquet' else 'json', p, what)
     if missing := set(columns) - set(ds.column_names):
         raise DataError(f'{recipe.data}: {what} lacks columns {sorted(missing)} (has {ds.column_names})')
-    if recipe.data_max_examples: ds = ds.select(range(min(len(ds), recipe.data_max_examples)))
+    ds = first_rows(ds, recipe.data_max_examples or None)
     if len(ds) < 2: raise DataError(f'{recipe.data}: {what} has {len(ds)} examples; need at least 2 to hold some out')
     # hub data is large: hold out a fixed number; a local file: a fraction
     test_size = min(recipe.hub_test_examples, len(ds) // 10) if recipe.data.startswith('hub:') else recipe.test_frac
@@ -186,7 +186,8 @@ def run_sft(recipe: SFTRecipe | str | Path, callbacks: list | None = None, **ove
     resume = resolve_resume(recipe)
     model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
     dsd = sft_datasets(recipe)
-    heldout = dsd['test'].select(range(min(len(dsd['test']), recipe.max_eval_examples)))
+    from small_doge.data import first_rows
+    heldout = first_rows(dsd['test'], recipe.max_eval_examples)
     before = held_out_metrics(model, tokenizer, heldout['messages'], recipe.max_new_tokens)
     args = training_arguments(recipe, cls=SFTConfig, max_length=recipe.max_length, packing=recipe.packing,
                               assistant_only_loss=recipe.assistant_only_loss, lr_scheduler_type=recipe.lr_scheduler_type,
