@@ -119,7 +119,7 @@ def tokenizer_summary(tokenizer, valid_texts: Sequence[str], train_seconds: floa
     valid_texts = list(valid_texts)
     return dict(vocab_size=len(tokenizer), bytes_per_token=round(bytes_per_token(tokenizer, valid_texts), 4) if valid_texts else None,
                 valid_texts=len(valid_texts), valid_bytes=sum(len(t.encode()) for t in valid_texts),
-                lossless=all(tokenizer.decode(tokenizer(t)['input_ids']) == t for t in valid_texts[:n_check]),
+                lossless=all(tokenizer.decode(ids) == t for ids, t in zip(token_ids(tokenizer, valid_texts[:n_check]), valid_texts)),
                 special_tokens=list(SPECIAL_TOKENS), stop_token_ids=stop_token_ids(tokenizer),
                 train_seconds=None if train_seconds is None else round(train_seconds, 2))
 
