@@ -32,7 +32,7 @@ TRAINING_STAGES = ('pretrain', 'sft', 'dpo', 'reason')
 def _recipes(size): return {stage: f'{stage}-{size}' for stage in TRAINING_STAGES}
 
 PRESETS = {
-    # a laptop CPU, about 15-18 minutes for everything
+    # a laptop CPU, about 12-13 minutes for everything on 2 cores
     'tiny': Preset('tiny', max_files=400, vocab_size=4096, recipes=_recipes('tiny-cpu')),
     # the seeds' recipes (GPUs; pretraining streams the hub mix, so it needs the network)
     **{size: Preset(size, max_files=None, vocab_size=32768, recipes=_recipes(size))

@@ -49,13 +49,13 @@ def test_run_first_stages(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_shows_the_four_effects(tmp_path):
-    "The README's main command, end to end (about 16 minutes on 2 cores), and what each stage is measured to do."
+    "The README's main command, end to end (about 12-13 minutes on 2 cores), and what each stage is measured to do."
     r = small_doge('run', '--preset', 'tiny', '--out', tmp_path/'run', home=tmp_path, timeout=3600)
     effects = json.loads(r.stdout[r.stdout.index('{', r.stdout.index('[samples]')):])['effects']
     assert sorted(effects) == ['dpo', 'pretrain', 'reason', 'sft'], effects
     assert all(effects[s].startswith('holds') for s in ('pretrain', 'sft', 'dpo')), effects
-    # reasoning: trace SFT teaches the task; GRPO's gain is small at this size (about one SE of a single run, positive
-    # in six of six whole-stage runs, lesson 13), so asserted loosely: up, in the format, greedy not clearly worse
+    # reasoning: trace SFT teaches the task; GRPO's gain is small at this size (one or two SE of a single run, positive
+    # in seven of seven whole-stage runs, lesson 13), so asserted loosely: up, in the format, greedy not clearly worse
     reason = json.loads((tmp_path/'run'/'reason'/'results.json').read_text())
     assert reason['accuracy_after_sft'] > reason['accuracy_start'] + 0.1 and reason['format_rate_after_grpo'] >= 0.9, reason
     assert reason['grpo_sampled_gain'] > 0 and reason['accuracy_after_grpo'] >= reason['accuracy_after_sft'] - 0.05, reason
