@@ -20,8 +20,12 @@ def dynamic_bias(value_states: torch.Tensor, dt_proj_weight: torch.Tensor, A: to
         value_states = value_states.transpose(1, 2).reshape(value_states.shape[0], value_states.shape[2], -1)
     if value_states.dim() != 3:
         raise ValueError(f"value_states must be [B, Sk, Hkv*D] or [B, Hkv, Sk, D], got {tuple(value_states.shape)}")
-    dt = F.linear(value_states, dt_proj_weight, dt_proj_bias)            # [B, Sk, Hkv]
-    return torch.exp(A * F.softplus(dt)).transpose(-1, -2)               # [B, Hkv, Sk]
+    # A product and a sum over the last axis rather than F.linear, and the rest in float64, rounded once: a key's
+    # bits then depend on its own value vector only, so a bias cached while decoding equals the one a full forward
+    # recomputes (see below).
+    dt = (value_states[..., None, :] * dt_proj_weight).sum(-1)           # [B, Sk, Hkv]
+    if dt_proj_bias is not None: dt = dt + dt_proj_bias
+    return torch.exp(A.double() * F.softplus(dt.double())).to(dt.dtype).transpose(-1, -2)   # [B, Hkv, Sk]
 
 # %% ../nbs/05_dmattn.ipynb #c64a323c
 def _keys_best_first(bias: torch.Tensor) -> torch.Tensor:
