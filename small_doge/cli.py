@@ -120,7 +120,7 @@ def _chat_parser(p):
     _sampling(p)
     p.add_argument('--system', default=None, help='a system prompt')
     def go(a):
-        from small_doge.evaluate import chat_repl
+        from small_doge.inference import chat_repl
         model, tok, gen = _model_and_sampling(a)
         chat_repl(model, tok, system=a.system, **gen)
     return go
