@@ -393,14 +393,14 @@ def _timed(fn, sync) -> float:
 
 def _summary(xs: list[float]) -> dict: return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
 
-# %% ../nbs/15_inference.ipynb #21a6630f
+# %% ../nbs/15_inference.ipynb #4ea0a01b
 @torch.no_grad()
 def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = None, context: int = 32,
-                 new_tokens: int = 128, batch: int = 8, prefill_tokens: int = 512, repeats: int = 3, seed: int = 0,
+                 new_tokens: int = 128, batch: int = 8, prefill_tokens: int | None = None, repeats: int = 3, seed: int = 0,
                  measures: Sequence[str] = ('decode', 'batch', 'prefill')) -> dict:
     "Tokens/s of native `generate()`, small_doge `generate()` and `FastGenerator` on the same weights, measured side by side."
     from small_doge.doge import DogeConfig, DogeForCausalLM
-    if min(context, new_tokens, batch, prefill_tokens, repeats) < 1:
+    if min(context, new_tokens, batch, repeats, prefill_tokens or 1) < 1:
         raise ConfigError('context, new_tokens, batch, prefill_tokens and repeats must be >= 1')
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -412,8 +412,11 @@ def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = Non
             model = DogeForCausalLM(DogeConfig.from_preset(preset))
         model = model.eval()
         fast, native = FastGenerator(model), native_doge(model)
-        need = max(context + new_tokens, prefill_tokens + 1)
-        if need > fast.max_length: raise ConfigError(f'context + new tokens ({need}) is more than the model allows ({fast.max_length})')
+        if context + new_tokens > fast.max_length:
+            raise ConfigError(f'context + new tokens ({context + new_tokens}) is more than the model allows ({fast.max_length})')
+        prefill_tokens = prefill_tokens or min(512, fast.max_length - 1)   # the prefill row: a long prompt, one new token
+        if prefill_tokens + 1 > fast.max_length:
+            raise ConfigError(f'prefill_tokens + 1 ({prefill_tokens + 1}) is more than the model allows ({fast.max_length})')
         dev, V = fast.device, model.config.vocab_size
         sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
         g = torch.Generator().manual_seed(seed)
@@ -574,7 +577,7 @@ def _terminal_input(prompt: str) -> str:
 
 def _not_utf8(text: str) -> bool: return any('\udc80' <= c <= '\udcff' for c in text)
 
-# %% ../nbs/15_inference.ipynb #95cef3ec
+# %% ../nbs/15_inference.ipynb #ffff1974
 def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, input_fn: Callable | None = None,
               out=None, stream: bool = True, **gen_kwargs) -> list[dict]:
     "Chat in a terminal: read with `input_fn`, stream replies to `out`; `/reset` forgets, `/exit` or EOF quits. Returns the history."
@@ -598,21 +601,23 @@ def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int =
         if line == '/reset': history = history[:1] if system else []; out.write('(history cleared)\n'); continue
         if not line: continue
         if _not_utf8(line): out.write('(that line is not valid UTF-8 text; nothing was sent)\n'); continue
-        turn = _fit_history(tokenizer, history + [dict(role='user', content=line)], limit)
-        n = len(tokenizer.apply_chat_template(turn, add_generation_prompt=True)['input_ids'])
-        if n >= n_pos:
-            out.write(f'(message too long: {n} tokens with the chat template, the model reads at most {n_pos}; nothing was sent)\n')
-            continue
-        history, streamer = turn, Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.ids = []
-        out.write('doge> ')
-        try: reply = chat_generate(gen, tokenizer, history, max_new_tokens, streamer=streamer, **gen_kwargs)
-        except KeyboardInterrupt:
+        streamer = None
+        try:
+            turn = _fit_history(tokenizer, history + [dict(role='user', content=line)], limit)
+            n = len(tokenizer.apply_chat_template(turn, add_generation_prompt=True)['input_ids'])
+            if n >= n_pos:
+                out.write(f'(message too long: {n} tokens with the chat template, the model reads at most {n_pos}; nothing was sent)\n')
+                continue
+            history, streamer = turn, Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            streamer.ids = []
+            out.write('doge> '); out.flush()
+            reply = chat_generate(gen, tokenizer, history, max_new_tokens, streamer=streamer, **gen_kwargs)
+            if not stream: out.write(reply + '\n')
+        except KeyboardInterrupt:   # Ctrl-C: stop this reply, keep what was shown, carry on
+            if streamer is None: out.write('\n(stopped; nothing was sent)\n'); continue
             stop = _stop_ids(tokenizer)
             ids = streamer.ids[:next((k for k, t in enumerate(streamer.ids) if t in stop), len(streamer.ids))]
             reply = tokenizer.decode(ids, skip_special_tokens=True)
             out.write(('' if stream else reply) + ' [stopped]\n')
-        else:
-            if not stream: out.write(reply + '\n')
         history.append(dict(role='assistant', content=reply))
     return history
