@@ -26,15 +26,16 @@ def window_slot(kept_bias: torch.Tensor, kept_pos: torch.Tensor, new_bias: torch
     oldest_worst = torch.where(kept_bias == worst, kept_pos, torch.iinfo(kept_pos.dtype).max).argmin(-1, keepdim=True)
     return torch.where(new_bias.unsqueeze(-1) >= worst, oldest_worst, kept_bias.shape[-1])
 
-# %% ../nbs/15_inference.ipynb #bb53f1f8
+# %% ../nbs/15_inference.ipynb #1649121f
 class WindowCache:
     "Per layer, the keys, values, biases and sequence positions of the current top-W window; slot W is scratch."
     def __init__(self, n_layers: int, batch: int, kv_heads: int, window: int, head_dim: int, dtype, device):
         shape = (n_layers, batch, kv_heads, window + 1)
-        self.k = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.bias = torch.full(shape, -math.inf, device=device)     # fp32; -inf: an empty slot or a padding key
-        self.pos = torch.full(shape, -1, dtype=torch.long, device=device)
+        # uninitialised: a slot is only read once written (slots in use), and the prefill writes every slot it uses
+        self.k = torch.empty(*shape, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.bias = torch.empty(shape, device=device)                  # fp32; -inf marks a padding key
+        self.pos = torch.empty(shape, dtype=torch.long, device=device)
         self.window = window
 
     def fill(self, layer: int, k, v, bias, visible=None):
@@ -94,7 +95,7 @@ class _LayerWeights:
             self.router, self.top_k, self.norm_topk = cast(m.router_gate.weight), m.top_k, m.norm_topk_prob
             self.down_embed, self.up_embed = cast(m.down_embed.weight), cast(m.up_embed.weight)
 
-# %% ../nbs/15_inference.ipynb #163af1c4
+# %% ../nbs/15_inference.ipynb #aac261c6
 def _attention_input(h, ln1, qkv, qkv_b, qk_norm, cos, sin, dt, A, dt_b, H: int, Hkv: int, eps: float):
     "Queries [B, H, D], the new key and value [B, Hkv, D] and its bias [B, Hkv] for hidden states h [B, d]."
     B, D = h.shape[0], qk_norm.shape[-1]
@@ -107,7 +108,8 @@ def _attention_input(h, ln1, qkv, qkv_b, qk_norm, cos, sin, dt, A, dt_b, H: int,
 def _window_attention(q, keys, values, bias, scaling: float):
     "q [B, H, D] over the window's keys/values [B, Hkv, n, D] with additive biases [B, Hkv, n]; scores in fp32."
     (B, H, D), (Hkv, n) = q.shape, keys.shape[1:3]
-    q, keys, values = (t.float().reshape(B * Hkv, -1, D) for t in (q, keys, values))
+    if q.dtype != torch.float32: q, keys, values = q.float(), keys.float(), values.float()
+    q, keys, values = q.reshape(B * Hkv, -1, D), keys.reshape(B * Hkv, n, D), values.reshape(B * Hkv, n, D)
     scores = torch.baddbmm(bias.reshape(B * Hkv, 1, n), q, keys.transpose(1, 2), alpha=scaling)
     return torch.bmm(scores.softmax(-1), values).view(B, H * D)
 
@@ -393,7 +395,7 @@ def _timed(fn, sync) -> float:
 
 def _summary(xs: list[float]) -> dict: return dict(median=statistics.median(xs), min=min(xs), max=max(xs))
 
-# %% ../nbs/15_inference.ipynb #4ea0a01b
+# %% ../nbs/15_inference.ipynb #168cbc55
 @torch.no_grad()
 def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = None, context: int = 32,
                  new_tokens: int = 128, batch: int = 8, prefill_tokens: int | None = None, repeats: int = 3, seed: int = 0,
@@ -446,8 +448,9 @@ def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = Non
             s = _summary([count / t for t in times[case, name]])
             rows.append(dict(measure=case, implementation=name, tokens_per_s=s['median'], min=s['min'], max=s['max'],
                              vs_native=base / statistics.median(times[case, name])))
-    first = outputs['transformers native generate()']
-    return dict(rows=rows, identical_greedy_tokens=all(torch.equal(o, first) for o in outputs.values()),
+    fast_out = outputs['FastGenerator']
+    same = {f'FastGenerator == {name}': torch.equal(fast_out, outputs[name]) for name in impls if name != 'FastGenerator'}
+    return dict(rows=rows, greedy_tokens_identical=same,
                 parameters=sum(p.numel() for p in model.parameters()), threads=threads or old_threads,
                 repeats=repeats, device=str(dev), dtype=str(fast.dtype).removeprefix('torch.'))
 

@@ -140,7 +140,7 @@ def test_bench_decode_and_train_tables(tiny_preset_dir):
             '--repeats', 1, '--json')
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     res = json.loads(r.stdout)
-    assert res['identical_greedy_tokens'] is True and len(res['rows']) == 9
+    assert res['greedy_tokens_identical']['FastGenerator == small_doge generate()'] is True and len(res['rows']) == 9
     r = cli('bench', 'train', '--preset', 'tiny', '--threads', 1, '--batch', 2, '--seq-len', 32, '--repeats', 1)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     table = r.stdout.decode()

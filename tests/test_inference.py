@@ -54,16 +54,16 @@ def test_incremental_window_equals_full_mask(W, S, ties, pads, seed):
     P = 1 + seed % S   # a prefill of P keys, then one key at a time
     cache, pos = WindowCache(1, B, Hkv, W, 1, torch.float32, 'cpu'), torch.arange(S).float().expand(B, Hkv, S)
     cache.fill(0, pos[..., :P, None], pos[..., :P, None], bias[..., :P], am[:, :P].bool())
-    def kept():
-        real = cache.bias[0, :, :, :W] > -math.inf
-        where = torch.where(real, cache.k[0, :, :, :W, 0].long(), S)
+    def kept(n):   # the keys in the n slots in use, as a boolean over positions (padding, bias -inf, is not kept)
+        real = cache.bias[0, :, :, :n] > -math.inf
+        where = torch.where(real, cache.k[0, :, :, :n, 0].long(), S)
         return torch.zeros(B, Hkv, S + 1, dtype=torch.bool).scatter(-1, where, True)[..., :S]
-    assert torch.equal(kept(), full[:, :, P - 1])
+    assert torch.equal(kept(min(P, W)), full[:, :, P - 1])
     for t in range(P, S):
         b = bias[..., t].masked_fill(~am[:, t, None].bool(), -math.inf)
         n = cache.insert(0, pos[..., t, None], pos[..., t, None], b, t)
         assert n == min(t + 1, W)
-        assert torch.equal(kept(), full[:, :, t])
+        assert torch.equal(kept(n), full[:, :, t])
 
 
 def test_window_slot_prefers_replacing_the_oldest_of_equal_worst():
@@ -204,7 +204,8 @@ def test_bf16_generator_runs_and_mostly_agrees():
 
 def test_bench_decode_measures_three_implementations():
     r = bench_decode(doge(seed=9), threads=1, context=8, new_tokens=4, batch=2, prefill_tokens=16, repeats=1)
-    assert r['identical_greedy_tokens'] is True and len(r['rows']) == 9
+    same = r['greedy_tokens_identical']   # native breaks exact bias ties its own way, so only ours must match
+    assert same['FastGenerator == small_doge generate()'] is True and len(same) == 2 and len(r['rows']) == 9
     assert {row['implementation'] for row in r['rows']} == {'transformers native generate()', 'small_doge generate()', 'FastGenerator'}
     assert all(row['tokens_per_s'] > 0 and row['min'] <= row['tokens_per_s'] <= row['max'] for row in r['rows'])
     with pytest.raises(ConfigError, match='more than the model allows'): bench_decode(doge(), context=300, new_tokens=1, repeats=1)
