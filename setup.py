@@ -30,7 +30,8 @@ setuptools.setup(
     include_package_data=True,
     package_data={'small_doge': ['recipes/*.yaml', 'recipes/accelerate/*.yaml', 'assets/*']},
     install_requires=reqs('requirements'),
-    extras_require={'dev': reqs('dev_requirements'), 'real-tokenizer': reqs('real_tokenizer_requirements')},
+    extras_require={'dev': reqs('dev_requirements'), 'real-tokenizer': reqs('real_tokenizer_requirements'),
+                    'serve': reqs('serve_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )
