@@ -520,10 +520,10 @@ def serve(model: str, host: str = '127.0.0.1', port: int = 8000, max_batch: int 
     try: uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally: engine.close()
 
-# %% ../nbs/16_serve.ipynb #2fc18fa0
+# %% ../nbs/16_serve.ipynb #2fe6494e
 def load_test(base_url: str, clients: int = 8, requests_per_client: int = 4, max_tokens: int = 64,
               questions: Sequence[str] = tuple(q for q, a in DEMO_CONVERSATIONS), api_key: str | None = None,
-              timeout: float = 600) -> dict:
+              timeout: float = 600, replies: bool = False) -> dict:
     "Requests/s and completion tokens/s of a server under `clients` concurrent clients, each sending requests one after another."
     import httpx
     headers = {'Authorization': f'Bearer {api_key}'} if api_key else {}
@@ -541,4 +541,4 @@ def load_test(base_url: str, clients: int = 8, requests_per_client: int = 4, max
     for th in threads: th.join()
     dt = time.perf_counter() - t
     return dict(clients=clients, requests=len(done), failed=len(failed), seconds=round(dt, 2), requests_per_s=round(len(done) / dt, 2),
-                completion_tokens_per_s=round(sum(r['usage']['completion_tokens'] for q, r in done) / dt, 1), replies=done)
+                completion_tokens_per_s=round(sum(r['usage']['completion_tokens'] for q, r in done) / dt, 1)) | (dict(replies=done) if replies else {})
