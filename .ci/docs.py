@@ -8,7 +8,7 @@ A page per lesson (outputs kept, prompts dropped, nbdev's show_doc block after e
 with the lesson map, an API reference for every name in the modules' `__all__`, highlighted source pages with line
 anchors, and a search index; formulas are rendered in the browser by a vendored KaTeX. Nothing is fetched from the
 network, at build time or when reading. Why this tool and how it works: .ci/site/build-notes.md (docs/build.html)."""
-import ast, base64, configparser, hashlib, html, io, json, re, shutil, struct, sys, tokenize
+import ast, base64, builtins, configparser, keyword, hashlib, html, io, json, re, shutil, struct, sys, tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +38,58 @@ def text_of(fragment):
     "Plain text of an HTML fragment (for the search index)."
     return re.sub(r'\s+', ' ', html.unescape(re.sub(r'<[^>]+>', ' ', fragment)).replace('¶', '')).strip()
 
-# Pygments wraps every token in a span; keep only the spans the style colours (half the bytes). Whitespace and
-# operators are left plain.
+# Python is coloured from Python's own tokenizer (ten times faster than Pygments' regex lexer, and exact), with
+# Pygments' class names so its style sheet applies; code the tokenizer rejects (IPython magics) goes to Pygments.
 STYLED = set(re.findall(r'^\.highlight \.(\S+) \{', HtmlFormatter(style=PYGMENTS_STYLE).get_style_defs('.highlight'),
                         re.M)) - {'w', 'o'}
+BUILTINS = {n for n in dir(builtins) if not n.startswith('_')}
+KEYWORD_CLASS = {**{k: 'k' for k in keyword.kwlist}, 'import': 'kn', 'from': 'kn', 'True': 'kc', 'False': 'kc',
+                 'None': 'kc', 'and': 'ow', 'or': 'ow', 'not': 'ow', 'in': 'ow', 'is': 'ow'}
+STRING_TOKENS = {tokenize.STRING} | {getattr(tokenize, n) for n in ('FSTRING_START', 'FSTRING_MIDDLE', 'FSTRING_END')
+                                     if hasattr(tokenize, n)}
+
+def _token_class(tok, prev, importing):
+    if tok.type == tokenize.COMMENT: return 'c1'
+    if tok.type in STRING_TOKENS: return 's2'
+    if tok.type == tokenize.NUMBER: return 'mi'
+    if tok.type != tokenize.NAME: return None
+    if tok.string in KEYWORD_CLASS: return KEYWORD_CLASS[tok.string]
+    if importing: return 'nn'
+    if prev == 'def': return 'nf'
+    if prev == 'class': return 'nc'
+    if prev == '@': return 'nd'
+    if tok.string in BUILTINS and prev != '.': return 'nb'
+    return None
+
+def _pygments_html(src):
+    h = highlight(src, PythonLexer(), HtmlFormatter(nowrap=True))
+    return re.sub(r'<span class="([^"]+)">([^<]*)</span>', lambda m: m.group(0) if m.group(1) in STYLED else m.group(2), h)
 
 def code_html(src):
-    h = highlight(src, PythonLexer(), HtmlFormatter(nowrap=True))
-    return re.sub(r'<span class="([^"]+)">([^<]*)</span>', lambda m: m.group(0) if m.group(1) in STYLED else m.group(2),
-                  h).rstrip('\n')
+    "Highlighted HTML of Python source (no wrapper)."
+    try: toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (tokenize.TokenError, SyntaxError): return _pygments_html(src).rstrip('\n')
+    starts = [0]
+    for line in src.splitlines(keepends=True): starts.append(starts[-1] + len(line))
+    def at(rc): return starts[rc[0] - 1] + rc[1] if rc[0] - 1 < len(starts) else len(src)
+    out, pos, prev, importing, stmt_start = [], 0, None, None, True
+    for tok in toks:
+        start, end = at(tok.start), at(tok.end)
+        if end <= pos and start < pos: continue
+        out.append(html.escape(src[pos:start], quote=False))
+        # module names: everything between `from` and `import`, and after a statement's leading `import`
+        if tok.type == tokenize.NAME and stmt_start and tok.string in ('from', 'import'): importing = tok.string
+        elif tok.type == tokenize.NAME and tok.string == 'import' and importing == 'from': importing = None
+        cls = _token_class(tok, prev, importing and tok.type == tokenize.NAME and tok.string not in ('from', 'import', 'as'))
+        text = html.escape(src[start:end], quote=False)
+        out.append(f'<span class="{cls}">{text}</span>' if cls else text)
+        pos = max(pos, end)
+        if tok.type == tokenize.NEWLINE: importing = None
+        stmt_start = tok.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT) or tok.string in (';', ':') or \
+            (tok.type in (tokenize.NL, tokenize.COMMENT) and stmt_start)
+        if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT): prev = tok.string
+    out.append(html.escape(src[pos:], quote=False))
+    return ''.join(out).rstrip('\n')
 
 # ---------------------------------------------------------------- lessons
 @dataclass
@@ -63,7 +106,7 @@ class Lesson:
     @property
     def title_html(self): return inline_md(self.title)
     @property
-    def label(self): return f'{self.num} {self.title}'.strip()
+    def label(self): return f'{self.num} {text_of(self.title_html)}'.strip()
 
 def inline_md(s):
     "Markdown of one line (a title) as inline HTML, without the paragraph."
@@ -193,7 +236,7 @@ def module_docs(mod, rel_path):
     for n in tree.body:
         if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == '__all__' for t in n.targets):
             exported = ast.literal_eval(n.value)
-    defs, methods = {}, {}
+    defs, methods, values = {}, {}, {}
     for n in tree.body:
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
             cls = _patched_class(n)
@@ -203,12 +246,15 @@ def module_docs(mod, rel_path):
             defs[n.name] = n
             methods.setdefault(n.name, []).extend(m for m in n.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)))
         elif isinstance(n, (ast.Assign, ast.AnnAssign)):
-            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
-                if isinstance(t, ast.Name): defs.setdefault(t.id, n)
+            for name, value in assigned(n):
+                defs.setdefault(name, n)
+                values.setdefault(name, value)
     docs = []
     for name in exported:
         n = defs.get(name)
-        if n is None: continue
+        if n is None:   # bound some other way (an import, a loop): listed, with its module
+            docs.append(Doc(mod, name, 'name', None, 1, rel_path, signature=name))
+            continue
         if isinstance(n, ast.ClassDef):
             init = _init_node(n)
             bases = ', '.join(ast.unparse(b) for b in n.bases)
@@ -239,7 +285,7 @@ def module_docs(mod, rel_path):
             d.params = params(n, False, comments, comment_lines)
             docs.append(d)
         else:
-            value = ast.get_source_segment(src, n.value) if n.value is not None else ''
+            value = ast.get_source_segment(src, values[name]) if values.get(name) is not None else ''
             first = value.splitlines()[0] if value else ''
             shown_value = value if len(value) <= 100 and '\n' not in value else (first[:100] + ' ...')
             d = Doc(mod, name, 'constant', n, n.lineno, rel_path)
@@ -283,7 +329,7 @@ class Site:
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(SITE), autoescape=False,
                                       keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
         self.anchors = {}        # page -> ids of the show_doc blocks on it
-        self.times = json.loads(TIMES.read_text()) if TIMES.exists() else {'seconds': {}, 'how': ''}
+        self.times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
     def setting(self, key, default=''): return self.cfg['DEFAULT'].get(key, default)
 
@@ -368,14 +414,18 @@ class Site:
             return m.group(0).replace(f'id="{base}"', f'id="{new}"').replace(f'href="#{base}"', f'href="#{new}"')
         return re.sub(r'<h([1-6]) id="([^"]+)">.*?</h\1>', fix, body, flags=re.S)
 
-    def add_sections(self, lesson_label, page, body):
-        "Search entries for each h2/h3 section of a page: its heading and the prose under it."
-        parts = re.split(r'(<h[23] id="[^"]+">.*?</h[23]>)', body, flags=re.S)
-        for head, rest in zip(parts[1::2], parts[2::2]):
-            m = re.match(r'<h[23] id="([^"]+)">(.*?)</h[23]>', head, re.S)
-            prose = ' '.join(re.findall(r'<div class="cell md-cell">(.*?)</div>', rest, re.S))
-            self.search.append({'k': 'section', 't': text_of(m.group(2)), 'u': f'{page}#{m.group(1)}',
-                                'p': lesson_label, 'x': text_of(prose)[:1200]})
+    def add_sections(self, label, page, body):
+        "Search entries for each h2/h3 section of a page: its heading and the prose under it (not the code)."
+        sections, current = [], None
+        for chunk in re.split(r'\n(?=<div class="(?:cell|doc)[ "])', body):
+            if not chunk.startswith('<div class="cell md-cell'): continue
+            for piece in re.split(r'(<h[23] id="[^"]+">.*?</h[23]>)', chunk, flags=re.S):
+                if m := re.fullmatch(r'<h[23] id="([^"]+)">(.*?)</h[23]>', piece, re.S):
+                    current = {'k': 'section', 't': text_of(m.group(2)), 'u': f'{page}#{m.group(1)}', 'p': label, 'x': ''}
+                    sections.append(current)
+                elif current is not None: current['x'] += ' ' + text_of(piece)
+        for sec in sections: sec['x'] = sec['x'].strip()[:1200]
+        self.search += sections
 
     @staticmethod
     def toc(body):
@@ -424,16 +474,20 @@ class Site:
     def lesson_meta(self, lesson):
         bits = []
         if lesson.module: bits.append(f'module <code>{lesson.module}</code>')
-        secs = self.times.get('seconds', {}).get(lesson.stem)
-        if secs is not None: bits.append(f'runs in {fmt_secs(secs)} on a CPU under <code>nbdev_test</code>')
+        secs = self.cpu_secs(lesson)
+        if secs is not None: bits.append(f'about {fmt_secs(secs)} on one CPU core at test sizes')
         bits.append(f'open it: <code>jupyter lab nbs/{lesson.path.name}</code>')
         return '<p class="lesson-meta">' + ' &middot; '.join(bits) + '</p>'
+
+    def cpu_secs(self, lesson):
+        "The lesson's measured CPU time (.ci/lesson_times.py), or None."
+        return self.times.get('lessons', {}).get(lesson.stem, {}).get('cpu')
 
     def lesson_map(self, lessons, index_rows):
         rows = []
         for l in lessons:
             builds = index_rows.get(l.stem) or inline_md(l.summary)
-            secs = self.times.get('seconds', {}).get(l.stem)
+            secs = self.cpu_secs(l)
             rows.append(f'<tr><td><a href="{l.page}">{esc(l.num)} {l.title_html}</a></td><td>{builds}</td>'
                         f'<td>{"<code>" + l.module + "</code>" if l.module else ""}</td>'
                         f'<td class="time">{fmt_secs(secs) if secs is not None else "not measured"}</td></tr>')
@@ -529,9 +583,17 @@ def defined_names(src):
             cls = _patched_class(n)
             out.append(f'{cls}.{n.name}' if cls else n.name)
         elif isinstance(n, ast.ClassDef): out.append(n.name)
-        elif isinstance(n, (ast.Assign, ast.AnnAssign)):
-            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
-                if isinstance(t, ast.Name): out.append(t.id)
+        elif isinstance(n, (ast.Assign, ast.AnnAssign)): out += [name for name, _ in assigned(n)]
+    return out
+
+def assigned(n):
+    "(name, value) for each name an assignment binds: `A = 1`, `A: int = 1`, `A, B = 1, 2` (value None if unknown)."
+    out = []
+    for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
+        if isinstance(t, ast.Name): out.append((t.id, n.value))
+        elif isinstance(t, ast.Tuple):
+            vals = n.value.elts if isinstance(n.value, ast.Tuple) and len(n.value.elts) == len(t.elts) else [None] * len(t.elts)
+            out += [(e.id, v) for e, v in zip(t.elts, vals) if isinstance(e, ast.Name)]
     return out
 
 def fmt_secs(s):

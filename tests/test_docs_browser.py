@@ -3,7 +3,7 @@ with every request to another host blocked (an offline reader).
 
 Screenshots of the landing page and lesson 05 are saved to $SMALL_DOGE_ARTEFACTS, else $SMALL_DOGE_HOME/artefacts
 (.ci/run: .ci-home/artefacts), else this run's pytest temp folder; the path is printed at the end."""
-import functools, html.parser, json, os, re, shutil, subprocess, sys, threading, urllib.parse, urllib.request
+import ast, functools, os, re, shutil, subprocess, sys, threading, urllib.parse, urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -81,7 +81,8 @@ def open_page(ctx, url):
     page.on('requestfailed', lambda r: page.problems.append(f'request failed: {r.url} {r.failure}'))
     page.on('response', lambda r: r.status >= 400 and page.problems.append(f'HTTP {r.status}: {r.url}'))
     page.goto(url, wait_until='load')
-    page.wait_for_function("document.body.dataset.math === 'done'", timeout=15000)
+    page.wait_for_function("document.body.dataset.math", timeout=15000)   # site.js has typeset the formulas (or could not)
+    if page.evaluate("document.body.dataset.math") != 'done': page.problems.append('KaTeX did not load')
     return page
 
 # what the browser shows: raw TeX left in the text a reader sees, typeset formulas, figures, links
@@ -119,6 +120,23 @@ def test_site_is_offline(site):
     pages = {p.name for p in site.glob('*.html')}
     assert {'index.html', 'api.html'} | {page_of(nb) for nb in LESSONS} <= pages
 
+def test_api_reference_covers_every_exported_name(site):
+    "Each name in a module's `__all__` has its entry: signature, the lesson that builds it, its source line."
+    api = (site/'api.html').read_text()
+    entries = dict(re.findall(r'<div class="doc" id="([^"]+)">(.*?)</pre>', api, re.S))
+    names = []
+    for py in sorted((ROOT/'small_doge').rglob('*.py')):
+        tree = ast.parse(py.read_text())
+        exported = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == '__all__' for t in n.targets)]
+        mod = '.'.join(py.relative_to(ROOT/'small_doge').with_suffix('').parts)
+        names += [f'{mod}.{name}' for name in (exported[0] if exported else [])]
+    assert len(names) > 100
+    missing = [n for n in names if n not in entries]
+    assert not missing, f'no API entry for {missing[:10]}'
+    for n in names:
+        assert 'class="doc-lesson"' in entries[n] and 'class="doc-source" href="src/' in entries[n], n
+
 def test_pages_in_chromium(site, server, browser, artefacts):
     base, log = server
     lessons = {page_of(nb): nb for nb in LESSONS}
@@ -134,15 +152,17 @@ def test_pages_in_chromium(site, server, browser, artefacts):
         nb = lessons.get(rel)
         if nb is not None and plots(nb) and not seen['figures']: problems.append(f'{rel}: {nb.name} plots but shows no figure')
         if nb is not None and nb.stem.startswith('05_'):
-            assert seen['formulas'] >= 10, f'lesson 05 typesets {seen["formulas"]} formulas'
-            assert seen['figures'] >= 1
-            page.screenshot(path=str(artefacts/'lesson05.png'), full_page=True)
-            page.screenshot(path=str(artefacts/'lesson05-top.png'))
+            if seen['formulas'] < 10: problems.append(f'{rel}: lesson 05 typesets {seen["formulas"]} formulas')
+            page.screenshot(path=str(artefacts/'lesson05.png'))
+            page.locator('main .out-img img').first.scroll_into_view_if_needed()
+            page.screenshot(path=str(artefacts/'lesson05-figure.png'))
         if rel == 'index.html':
-            assert seen['formulas'] >= 1
-            assert page.locator('table.lesson-map tbody tr').count() == len(LESSONS)
-            page.screenshot(path=str(artefacts/'landing.png'), full_page=True)
-            page.screenshot(path=str(artefacts/'landing-top.png'))
+            if not seen['formulas']: problems.append('index.html: no formula typeset')
+            rows = page.locator('table.lesson-map tbody tr').count()
+            if rows != len(LESSONS): problems.append(f'index.html: the lesson map has {rows} rows for {len(LESSONS)} lessons')
+            page.screenshot(path=str(artefacts/'landing.png'))
+            page.locator('table.lesson-map').scroll_into_view_if_needed()
+            page.screenshot(path=str(artefacts/'landing-lesson-map.png'))
         links |= {l for l in seen['links'] if l.startswith(base)}
         page.close()
     assert not browser.outside, f'pages tried to load from the network: {sorted(set(browser.outside))[:5]}'

@@ -4,7 +4,7 @@
   'use strict';
 
   function renderMath() {
-    if (!window.renderMathInElement) return;
+    if (!window.renderMathInElement) { document.body.dataset.math = 'no-katex'; return; }
     document.querySelectorAll('.md-cell, .out-md, .doc-str, .doc-params, .summary, .lesson-map').forEach(function (el) {
       window.renderMathInElement(el, {
         delimiters: [
