@@ -464,7 +464,7 @@ class Site:
             elif c.cell_type == 'raw' and 'html' in (c.metadata.get('format', '') + c.metadata.get('raw_mimetype', '')):
                 parts.append(c.source)
         self.anchors[lesson.page] = set(ids)
-        body = self.unique_ids('\n'.join(parts), ids | {'top'})
+        body = self.unique_ids('\n'.join(parts), set(ids))   # the title's id="top" comes first
         self.search.append({'k': 'lesson', 't': lesson.label, 'u': lesson.page, 'p': lesson.module or '', 'x': lesson.summary})
         self.add_sections(lesson.label, lesson.page, body)
         prev = lessons[i - 1] if i > 0 else None

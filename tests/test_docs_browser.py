@@ -120,6 +120,14 @@ def test_site_is_offline(site):
     pages = {p.name for p in site.glob('*.html')}
     assert {'index.html', 'api.html'} | {page_of(nb) for nb in LESSONS} <= pages
 
+def test_lesson_pages_start_with_their_title(site):
+    "The title and summary come first (the exported imports after them), and no cell shows an `In [ ]:` prompt."
+    for nb in LESSONS:
+        text = (site/page_of(nb)).read_text()
+        main = text[text.index('<main'):]
+        assert re.match(r'<main[^>]*>\s*<header class="lesson-head"><h1 id="top">', main), f'{page_of(nb)} does not open with its title'
+        assert not re.search(r'\b(In|Out)\s*(&nbsp;|\s)*\[[ 0-9]*\]:', main), f'{page_of(nb)} shows prompts'
+
 def test_api_reference_covers_every_exported_name(site):
     "Each name in a module's `__all__` has its entry: signature, the lesson that builds it, its source line."
     api = (site/'api.html').read_text()
