@@ -37,9 +37,12 @@ if __name__ == '__main__':
         t = measure(nb)
         print(f'{nb.stem}: {t}', flush=True)
         if t is not None: lessons[nb.stem] = t
+    loads = [t['load'] for t in lessons.values()]
     rec = {'how': (f'CPU seconds of `nbdev_test` running the lesson alone, on one thread, in its own process (test sizes, '
                    f'`#| slow` cells skipped, imports included): about its wall time on one free core. Measured on a '
-                   f'{os.cpu_count()}-core machine shared with other jobs; a full-size run in JupyterLab takes longer. '
+                   f'{os.cpu_count()}-core machine shared with other jobs (load average {min(loads):.0f} to '
+                   f'{max(loads):.0f}); a full-size run in JupyterLab takes longer. '
                    f'Re-measure with `python .ci/lesson_times.py`.'),
            'lessons': dict(sorted(lessons.items()))}
-    TIMES.write_text(json.dumps(rec, indent=1) + '\n')
+    rows = ',\n'.join(f'  {json.dumps(k)}: {json.dumps(v)}' for k, v in rec['lessons'].items())
+    TIMES.write_text(f'{{\n "how": {json.dumps(rec["how"])},\n "lessons": {{\n{rows}\n }}\n}}\n')
