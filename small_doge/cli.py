@@ -64,7 +64,7 @@ def _stage_parser(stage, default_recipe):
         p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
         p.add_argument('--output-dir', default=None, help='where checkpoints and the final model go (overrides the recipe)')
         def go(a):
-            from small_doge.pretrain import as_recipe, parse_overrides, run_recipe
+            from small_doge.runs import as_recipe, parse_overrides, run_recipe
             overrides = parse_overrides(a.overrides)
             if a.output_dir: overrides['output_dir'] = a.output_dir
             return run_recipe(as_recipe(a.config, stage, **overrides))
@@ -81,7 +81,7 @@ for _stage, _help in (('pretrain', 'pretrain a Doge from a recipe (warmup-stable
 @command('recipes', 'list the packaged recipes')
 def _recipes_parser(p):
     def go(a):
-        from small_doge.pretrain import list_recipes
+        from small_doge.runs import list_recipes
         return list_recipes()
     return go
 
@@ -156,6 +156,20 @@ def main(argv=None):
         print(f'small-doge {args.command}: error: {e}', file=sys.stderr); return 2
     if result is not None: print(json.dumps(result, indent=2, default=str))
     return 0
+
+# %% ../nbs/20_cli.ipynb #b85c53a8
+@command('serve', 'serve a model over an OpenAI-compatible HTTP API, with a chat page at /')
+def _serve_parser(p):
+    _model_arg(p)
+    p.add_argument('--host', default='127.0.0.1', help='address to bind (default: 127.0.0.1, this machine only)')
+    p.add_argument('--port', type=int, default=8000, help='port to listen on (default: 8000)')
+    p.add_argument('--max-batch', type=int, default=8, help='requests decoded together; more wait in a queue (default: 8)')
+    p.add_argument('--api-key', default=None, help='require the header Authorization: Bearer <key> on /v1 (default: open)')
+    p.add_argument('--threads', type=int, default=None, help="torch threads (default: one per core; on a busy shared CPU 1 can be faster)")
+    def go(a):
+        from small_doge.serve import serve
+        serve(a.model, host=a.host, port=a.port, max_batch=a.max_batch, api_key=a.api_key, threads=a.threads)
+    return go
 
 # %% ../nbs/20_cli.ipynb #5cc9bdde
 # `python -m small_doge.cli` (used by `accelerate launch -m`); `__file__` is unset inside the notebook itself
