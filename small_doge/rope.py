@@ -6,11 +6,13 @@
 from __future__ import annotations
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['ROPE_TYPES', 'rotate_half', 'apply_rotary_pos_emb', 'compute_inv_freq', 'DogeRotaryEmbedding']
+__all__ = ['ROPE_TYPES', 'rotate_half', 'apply_rotary_pos_emb', 'default_rope_parameters', 'RopeConfig', 'DogeRotaryEmbedding']
 
 # %% ../nbs/04_rope.ipynb #b4dd54dd
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -25,38 +27,45 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
-# %% ../nbs/04_rope.ipynb #004c3e78
-def compute_inv_freq(head_dim: int, base: float = 10000.0, *, factor: float | None = None,
-                     seq_len: int | torch.Tensor | None = None, max_position_embeddings: int = 2048,
-                     device=None) -> torch.Tensor:
-    "RoPE inverse frequencies `base**(-2i/d)`; with `factor` and `seq_len > max_position_embeddings`, dynamic-NTK scaled."
-    if head_dim % 2: raise ConfigError(f"RoPE needs an even head_dim, got {head_dim}")
-    if factor is not None and seq_len is not None:
-        seq_len = torch.as_tensor(seq_len)
-        if seq_len > max_position_embeddings:  # scaled base; same fp32 tensor arithmetic as transformers
-            base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    exps = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim
-    return 1.0 / (base ** exps)
-
 # %% ../nbs/04_rope.ipynb #1ae73966
-ROPE_TYPES = ('default', 'dynamic')
+def default_rope_parameters(config, device=None, seq_len=None, layer_type=None) -> tuple[torch.Tensor, float]:
+    "Plain RoPE in the signature of transformers' `ROPE_INIT_FUNCTIONS`: (`rope_theta**(-2i/d)`, cos/sin scale 1)."
+    base, dim = config.rope_parameters['rope_theta'], config.head_dim
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    return 1.0 / (base ** exps), 1.0
+
+ROPE_TYPES = ('default', *ROPE_INIT_FUNCTIONS)
+
+class RopeConfig(PretrainedConfig):
+    "The fields transformers' RoPE initialisers read: `head_dim`, `max_position_embeddings`, `rope_parameters`."
+    def __init__(self, head_dim: int = 64, max_position_embeddings: int = 2048, rope_parameters: dict | None = None,
+                 **kwargs):
+        self.head_dim, self.hidden_size, self.num_attention_heads = head_dim, head_dim, 1
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = dict(rope_parameters or {})
+        super().__init__(**kwargs)   # standardises rope_parameters (rope_type, rope_theta, original_max_...)
 
 class DogeRotaryEmbedding(nn.Module):
-    "Rotary embedding: `forward(x, position_ids)` -> `(cos, sin)` [B, S, head_dim]; rope_type 'default' or 'dynamic' (NTK)."
+    "Rotary embedding: `forward(x, position_ids)` -> `(cos, sin)` [B, S, head_dim], for every transformers rope_type."
     def __init__(self, head_dim: int, max_position_embeddings: int = 2048, base: float = 10000.0,
                  scaling: dict | None = None):
         super().__init__()
-        scaling = dict(scaling or {})
-        self.rope_type = scaling.get('rope_type', scaling.get('type', 'default'))
+        if head_dim % 2: raise ConfigError(f"RoPE needs an even head_dim, got {head_dim}")
+        params = {**(scaling or {}), 'rope_theta': float(base)}
+        legacy_type = params.pop('type', None)   # transformers 4's rope_scaling spelling
+        params['rope_type'] = params.get('rope_type') or legacy_type or 'default'
+        self.rope_type, self.factor = params['rope_type'], params.get('factor')
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"unknown rope_type {self.rope_type!r}; supported: {ROPE_TYPES}")
-        self.factor = scaling.get('factor')
-        if self.rope_type == 'dynamic' and (self.factor is None or self.factor < 1):
-            raise ConfigError(f"rope_type 'dynamic' needs a factor >= 1, got {self.factor!r}")
+        if params.get('partial_rotary_factor', 1.0) != 1.0:
+            raise ConfigError("partial_rotary_factor != 1 is not supported: Doge rotates the whole head")
+        try: self.config = RopeConfig(head_dim, max_position_embeddings, params)
+        except (KeyError, ValueError, TypeError) as e:   # transformers' own check of the keys each type needs
+            raise ConfigError(f"invalid rope_parameters {params}: {e}") from e
         self.head_dim, self.base = head_dim, float(base)
+        self.rope_init_fn = default_rope_parameters if self.rope_type == 'default' else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = self.rope_init_fn(self.config)
         self.max_seq_len_cached = self.original_max_seq_len = max_position_embeddings
-        self.attention_scaling = 1.0   # transformers' post-scaling of cos/sin; 1 for these rope types
-        inv_freq = compute_inv_freq(head_dim, self.base)
         self.register_buffer('inv_freq', inv_freq, persistent=False)
         self.register_buffer('original_inv_freq', inv_freq.clone(), persistent=False)
 
@@ -64,26 +73,13 @@ class DogeRotaryEmbedding(nn.Module):
     def from_config(cls, config) -> DogeRotaryEmbedding:
         "Build from a config with `rope_parameters` (transformers 5) or legacy `rope_theta`/`rope_scaling`."
         params = dict(getattr(config, 'rope_parameters', None) or getattr(config, 'rope_scaling', None) or {})
-        if params.get('partial_rotary_factor', 1.0) != 1.0:
-            raise ConfigError("partial_rotary_factor != 1 is not supported by DogeRotaryEmbedding")
         base = params.get('rope_theta', getattr(config, 'rope_theta', None) or 10000.0)
         head_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
         return cls(head_dim, config.max_position_embeddings, base, params)
 
-    def _dynamic_update(self, position_ids: torch.Tensor):
-        seq_len = int(position_ids.max()) + 1
-        if seq_len > self.max_seq_len_cached:   # grow: scale the base for the longest sequence seen
-            self.inv_freq = compute_inv_freq(self.head_dim, self.base, factor=self.factor, seq_len=seq_len,
-                                             max_position_embeddings=self.original_max_seq_len,
-                                             device=position_ids.device)
-            self.max_seq_len_cached = seq_len
-        if seq_len < self.original_max_seq_len and self.max_seq_len_cached > self.original_max_seq_len:  # reset
-            self.inv_freq = self.original_inv_freq.to(position_ids.device)
-            self.max_seq_len_cached = self.original_max_seq_len
-
     @torch.no_grad()
+    @dynamic_rope_update   # transformers' update: dynamic types regrow/reset inv_freq, longrope switches factor sets
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rope_type == 'dynamic': self._dynamic_update(position_ids)
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
