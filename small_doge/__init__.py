@@ -51,9 +51,12 @@ class _AfterImport:
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
-            def exec_then_call(module): exec_module(module); self.callback(module)
-            spec.loader.exec_module = exec_then_call
+            loader, exec_module = spec.loader, spec.loader.exec_module
+            def exec_then_call(module):
+                loader.exec_module = exec_module   # unwrapped again, for any later module of this loader
+                exec_module(module)
+                if module.__name__ == self.name: self.callback(module)
+            loader.exec_module = exec_then_call
         return spec
 
 if _AUTO_CONFIG in sys.modules: _teach_transformers(sys.modules[_AUTO_CONFIG])

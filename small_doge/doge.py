@@ -287,12 +287,16 @@ class DogePreTrainedModel(PreTrainedModel):
             inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
             init.copy_(module.inv_freq, inv_freq); init.copy_(module.original_inv_freq, inv_freq)
 
+    @staticmethod
+    def _check_attn_implementation(name):
+        if name is not None and name not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f'attn_implementation={name!r} is not supported: Doge runs Dynamic Mask Attention, with '
+                              f"attn_implementation in {ATTN_IMPLEMENTATIONS} (or attn_backend='triton')")
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         "`attn_implementation='eager'|'sdpa'` picks `config.attn_backend`; None keeps it ('triton' reports 'eager')."
         if attn_implementation is None: return 'sdpa' if self.config.attn_backend == 'sdpa' else 'eager'
-        if attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(f'attn_implementation={attn_implementation!r} is not supported: Doge runs Dynamic Mask '
-                              f"Attention, with attn_implementation in {ATTN_IMPLEMENTATIONS} (or attn_backend='triton')")
+        self._check_attn_implementation(attn_implementation)
         self.config.attn_backend = attn_implementation
         return attn_implementation
 
@@ -303,6 +307,7 @@ class DogePreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         "Load safetensors weights as leniently as transformers; a bad checkpoint raises one `CheckpointError`."
         name = str(pretrained_model_name_or_path)
+        cls._check_attn_implementation(kwargs.get('attn_implementation'))   # a bad argument, not a bad checkpoint
         local = pretrained_model_name_or_path is not None and (Path(name).expanduser().exists() or not _looks_like_hub_id(name))
         if local: check_checkpoint_dir(name)
         want_info = kwargs.pop('output_loading_info', False)

@@ -275,7 +275,7 @@ def test_attn_implementation_maps_onto_attn_backend(tmp_path):
     sdpa.set_attn_implementation('eager')
     assert sdpa.config.attn_backend == 'eager'
     assert DogeForCausalLM(DogeConfig.from_preset('tiny', attn_backend='sdpa')).config._attn_implementation == 'sdpa'
-    with pytest.raises(CheckpointError, match='flash_attention_2'):
+    with pytest.raises(ConfigError, match='flash_attention_2'):
         DogeForCausalLM.from_pretrained(tmp_path, attn_implementation='flash_attention_2')
     with pytest.raises(ConfigError, match='flex_attention'): m.set_attn_implementation('flex_attention')
 
