@@ -19,20 +19,15 @@ from small_doge.core import CheckpointError, ConfigError
 from small_doge.doge import (DOGE_PRESETS, REMOTE_CODE_FILE, DogeConfig, DogeForCausalLM,
                              DogeForSequenceClassification, DogeModel)
 from small_doge.rope import DogeRotaryEmbedding
+from test_parity import _perturb   # tests/ is on sys.path (pytest's rootdir-relative imports)
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
 
 def _perturbed(model, seed=0):
-    "Non-trivial weights where init is trivial (A != 0: distinct key biases; residuals and norm gains != 1)."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith('.A'): p.copy_(torch.empty_like(p).uniform_(-2, 2, generator=g))
-            elif n.endswith(('residual', 'norm.weight', 'layernorm.weight')):
-                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5, generator=g))
-    return model.eval()
+    "Non-trivial weights where init is trivial (A != 0: distinct key biases), in eval mode."
+    return _perturb(model, seed).eval()
 
 
 def _tiny(preset='tiny', seed=0, **over):
@@ -148,7 +143,7 @@ def test_import_small_doge_alone_makes_pipeline_work(saved, tmp_path):
         assert got[name][0] == 'small_doge.doge' and got[name][1].startswith('the fox'), got
 
 
-def test_auto_classes_in_process(saved):
+def test_auto_classes_in_process(saved, tmp_path):
     "With small_doge imported: its MoE checkpoints load as small_doge classes, also for sequence classification."
     moe = saved[0]['moe'][0]
     assert type(AutoConfig.from_pretrained(moe)) is DogeConfig
@@ -156,8 +151,15 @@ def test_auto_classes_in_process(saved):
     clf = AutoModelForSequenceClassification.from_pretrained(moe, num_labels=3)
     assert type(clf) is DogeForSequenceClassification and clf.score.out_features == 3
     assert type(AutoModelForCausalLM.from_pretrained(saved[0]['dense'][0])) is HFDogeForCausalLM
-    # ... and the course's own class reads the dense one too
+    # ... and the course's own classes read both model types: `doge`, and `small_doge` (MoE, or saved before)
     assert type(DogeForCausalLM.from_pretrained(saved[0]['dense'][0])) is DogeForCausalLM
+    legacy = tmp_path/'legacy'
+    DogeForCausalLM.from_pretrained(saved[0]['dense'][0]).save_pretrained(legacy)
+    cfg = json.loads((legacy/'config.json').read_text()); cfg['model_type'] = 'small_doge'
+    (legacy/'config.json').write_text(json.dumps(cfg))
+    assert type(AutoModelForCausalLM.from_pretrained(legacy)) is DogeForCausalLM
+    fields = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != '_name_or_path'}
+    assert fields(DogeForCausalLM.from_pretrained(legacy).config) == fields(DogeConfig.from_pretrained(saved[0]['dense'][0]))
 
 
 # ---- outputs the config asks for -------------------------------------------------------------------------------------
