@@ -108,6 +108,10 @@ def test_checkpoints_load_and_generate_without_small_doge(saved, tmp_path):
         out = {{k: m.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[0].tolist()
                for k, m in (('dense', dense), ('moe', moe))}}
         out['classes'] = [type(dense).__module__, type(moe).__module__]
+        moe.save_pretrained('resaved')   # a remote-code model saves its own module again
+        out['resaved_same_code'] = open('resaved/{REMOTE_CODE_FILE}').read() == open({str(ckpts['moe'][0]/REMOTE_CODE_FILE)!r}).read()
+        again = AutoModelForCausalLM.from_pretrained('resaved', trust_remote_code=True).eval()
+        out['resaved_same_logits'] = bool(torch.equal(again(prompt).logits, moe(prompt).logits))
         try: AutoModelForCausalLM.from_pretrained({str(ckpts['moe'][0])!r}); out['refused'] = False
         except ValueError as e: out['refused'] = 'trust_remote_code' in str(e)
         out['small_doge_imported'] = [k for k in sys.modules if k == 'small_doge' or k.startswith('small_doge.')]
@@ -117,6 +121,7 @@ def test_checkpoints_load_and_generate_without_small_doge(saved, tmp_path):
     assert got['classes'][1].endswith('.modeling_small_doge')                # the code saved beside the weights
     assert got['dense'] == ckpts['dense'][1]
     assert got['moe'] == ckpts['moe'][1]
+    assert got['resaved_same_code'] and got['resaved_same_logits']
     assert got['refused']   # without trust_remote_code the MoE is refused, not loaded as native (token-mixing) doge
 
 
