@@ -63,7 +63,7 @@ def next_line_task(texts: Sequence[str], n: int = 200, n_choices: int = 4, conte
         out.append(dict(context='\n'.join(docs[d][k - context_lines:k]) + '\n', choices=choices, label=choices.index(true)))
     return out
 
-# %% ../nbs/14_eval.ipynb #4c1a22ff
+# %% ../nbs/14_eval.ipynb #cbaed52b
 TASK_DATA_VERSION = 1   # bump when a generator changes what it writes: cached task data is keyed by it
 
 def task_data_dir() -> Path:
@@ -82,7 +82,7 @@ def _cached_test_split(name: str, params: dict, make_rows: Callable[[], list[dic
         with atomic_write(path) as f: f.writelines(json.dumps(r) + '\n' for r in rows)
     return DatasetDict(test=read_data_file('json', path, what=f'{name} task data'))
 
-# %% ../nbs/14_eval.ipynb #2a790a6b
+# %% ../nbs/14_eval.ipynb #5884143e
 def api_summary_data(split: str = 'test', n: int = 200, seed: int = 0, **metadata):
     "`custom_dataset` of doge_api_summary_{seen,heldout}: `api_summary_task` rows (split 'train': functions SFT trains on)."
     return _cached_test_split(f'api_summary_{split}', dict(split=split, n=n, seed=seed),
@@ -112,7 +112,7 @@ def stdlib_text_data(n: int = 64, seed: int = 0, max_chars: int = 2000, **metada
         return [dict(text=t) for t in random.Random(seed).sample(pieces, min(n, len(pieces)))]
     return _cached_test_split('stdlib_text', dict(n=n, seed=seed, max_chars=max_chars), rows)
 
-# %% ../nbs/14_eval.ipynb #7fa7210f
+# %% ../nbs/14_eval.ipynb #ab15bb55
 def arithmetic_data(n: int = 200, seed: int = 0, min_operands: int = 2, max_operands: int = 3, max_value: int = 9,
                     ops: str = '+-*', **metadata):
     "`custom_dataset` of doge_arithmetic: held-out problems of `small_doge.data.reasoning_dataset` (question, answer)."
@@ -135,7 +135,7 @@ def arithmetic_results(doc: dict, results: list[str]) -> dict:
     from small_doge.data import check_answer, format_ok
     return dict(acc=float(check_answer(results[0], doc['answer'])), format_rate=float(format_ok(results[0])))
 
-# %% ../nbs/14_eval.ipynb #2e6082cd
+# %% ../nbs/14_eval.ipynb #2234883f
 def tasks_dir() -> Path:
     "The lm-eval task files shipped with small_doge (`--include_path` for the `lm_eval` command)."
     from importlib import resources
@@ -144,7 +144,7 @@ def tasks_dir() -> Path:
 OFFLINE_TASKS = ('doge_api_summary_seen', 'doge_api_summary_heldout', 'doge_next_line', 'doge_stdlib_perplexity',
                  'doge_arithmetic')
 
-# %% ../nbs/14_eval.ipynb #6953f050
+# %% ../nbs/14_eval.ipynb #9a721605
 @contextmanager
 def _quiet_lm_eval(quiet: bool = True):
     "lm-eval logs every step and prints while bootstrapping: keep its errors only, and bootstrap in this process."
@@ -174,7 +174,7 @@ def _check_task_file(spec: str) -> None:
         if '://' not in f and not any(ch in f for ch in '*?[') and not Path(f).expanduser().exists():
             raise DataError(f"task {cfg.get('task', path.stem)} ({path}): data file not found: {f}")
 
-# %% ../nbs/14_eval.ipynb #b4eb89d9
+# %% ../nbs/14_eval.ipynb #89486e09
 def load_tasks(tasks: Sequence[str], metadata: dict | None = None, quiet: bool = True):
     """lm-eval's TaskManager (the packaged tasks, plus lm-eval's registry unless only offline tasks are asked for) and
     the built tasks, groups and tags; an unknown name or data that cannot be loaded is one error naming the task."""
@@ -184,8 +184,9 @@ def load_tasks(tasks: Sequence[str], metadata: dict | None = None, quiet: bool =
     is_file = lambda t: t.endswith(('.yaml', '.yml'))
     for t in filter(is_file, names): _check_task_file(t)
     ours = {*OFFLINE_TASKS, 'doge_offline'}
+    registry = any(t not in ours and not is_file(t) for t in names)   # indexing lm-eval's own tasks takes seconds
     with _quiet_lm_eval(quiet):
-        tm = TaskManager(include_path=str(tasks_dir()), include_defaults=not set(names) <= ours, metadata=metadata)
+        tm = TaskManager(include_path=str(tasks_dir()), include_defaults=registry, metadata=metadata)
         if unknown := [t for t in names if not is_file(t) and t not in tm.all_tasks]:
             raise ConfigError(f"unknown task{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: neither a small_doge "
                               f"task ({', '.join(sorted(ours))}, doge_seeds) nor one of lm-eval's (`lm_eval ls tasks`)")
@@ -213,7 +214,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], limit: int | None = None
         return lm_eval.simple_evaluate(model=lm, tasks=built, task_manager=tm, limit=limit, log_samples=log_samples,
                                        bootstrap_iters=bootstrap_iters, **kwargs)
 
-# %% ../nbs/14_eval.ipynb #23b44731
+# %% ../nbs/14_eval.ipynb #cb0d9704
 def task_scores(results: dict) -> dict:
     "task or group -> {metric: value} from lm-eval's results (the default filter's name dropped)."
     out = {}
