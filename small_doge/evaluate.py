@@ -14,11 +14,27 @@ import torch
 from .core import CheckpointError, ConfigError, DataError, SmallDogeError, atomic_write, doge_home
 
 # %% auto #0
-__all__ = ['TASK_DATA_VERSION', 'OFFLINE_TASKS', 'SEED_RESULTS', 'SEED_PROTOCOL', 'EXIT_COMMANDS', 'api_summary_task',
-           'next_line_task', 'task_data_dir', 'api_summary_data', 'heldout_stdlib', 'next_line_data',
-           'stdlib_text_data', 'arithmetic_data', 'arithmetic_prompt', 'arithmetic_results', 'tasks_dir', 'load_tasks',
-           'run_lm_eval', 'task_scores', 'results_markdown', 'compare_with_seeds', 'generation_speed', 'chat_generate',
-           'chat_repl', 'evaluate_model']
+__all__ = ['TASK_DATA_VERSION', 'OFFLINE_TASKS', 'SEED_RESULTS', 'SEED_PROTOCOL', 'EXIT_COMMANDS', 'quiet_lm_eval',
+           'api_summary_task', 'next_line_task', 'task_data_dir', 'api_summary_data', 'heldout_stdlib',
+           'next_line_data', 'stdlib_text_data', 'arithmetic_data', 'arithmetic_prompt', 'arithmetic_results',
+           'tasks_dir', 'require_lm_eval', 'load_tasks', 'run_lm_eval', 'task_scores', 'results_markdown',
+           'compare_with_seeds', 'seeds_markdown', 'generation_speed', 'chat_generate', 'chat_repl', 'evaluate_model']
+
+# %% ../nbs/14_eval.ipynb #2ae86514
+@contextmanager
+def quiet_lm_eval(quiet: bool = True):
+    "lm-eval logs every step and draws progress bars: keep its errors only (and bootstrap in this process, no pool)."
+    import contextlib, io, logging, os
+    if not quiet: yield; return
+    log, env = logging.getLogger('lm_eval'), os.environ.get('DISABLE_MULTIPROC')
+    level = log.level
+    log.setLevel(logging.ERROR); os.environ['DISABLE_MULTIPROC'] = '1'   # no process pool for a few bootstrap draws
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()): yield
+    finally:
+        log.setLevel(level)
+        if env is None: os.environ.pop('DISABLE_MULTIPROC', None)
+        else: os.environ['DISABLE_MULTIPROC'] = env
 
 # %% ../nbs/14_eval.ipynb #455e694c
 def api_summary_task(n: int | None = 200, split: str = 'test', n_choices: int = 4, seed: int = 0,
@@ -63,7 +79,7 @@ def next_line_task(texts: Sequence[str], n: int = 200, n_choices: int = 4, conte
         out.append(dict(context='\n'.join(docs[d][k - context_lines:k]) + '\n', choices=choices, label=choices.index(true)))
     return out
 
-# %% ../nbs/14_eval.ipynb #cbaed52b
+# %% ../nbs/14_eval.ipynb #3fb549eb
 TASK_DATA_VERSION = 1   # bump when a generator changes what it writes: cached task data is keyed by it
 
 def task_data_dir() -> Path:
@@ -82,7 +98,7 @@ def _cached_test_split(name: str, params: dict, make_rows: Callable[[], list[dic
         with atomic_write(path) as f: f.writelines(json.dumps(r) + '\n' for r in rows)
     return DatasetDict(test=read_data_file('json', path, what=f'{name} task data'))
 
-# %% ../nbs/14_eval.ipynb #5884143e
+# %% ../nbs/14_eval.ipynb #f96c2002
 def api_summary_data(split: str = 'test', n: int = 200, seed: int = 0, **metadata):
     "`custom_dataset` of doge_api_summary_{seen,heldout}: `api_summary_task` rows (split 'train': functions SFT trains on)."
     return _cached_test_split(f'api_summary_{split}', dict(split=split, n=n, seed=seed),
@@ -112,7 +128,7 @@ def stdlib_text_data(n: int = 64, seed: int = 0, max_chars: int = 2000, **metada
         return [dict(text=t) for t in random.Random(seed).sample(pieces, min(n, len(pieces)))]
     return _cached_test_split('stdlib_text', dict(n=n, seed=seed, max_chars=max_chars), rows)
 
-# %% ../nbs/14_eval.ipynb #ab15bb55
+# %% ../nbs/14_eval.ipynb #1c35ded7
 def arithmetic_data(n: int = 200, seed: int = 0, min_operands: int = 2, max_operands: int = 3, max_value: int = 9,
                     ops: str = '+-*', **metadata):
     "`custom_dataset` of doge_arithmetic: held-out problems of `small_doge.data.reasoning_dataset` (question, answer)."
@@ -135,7 +151,7 @@ def arithmetic_results(doc: dict, results: list[str]) -> dict:
     from small_doge.data import check_answer, format_ok
     return dict(acc=float(check_answer(results[0], doc['answer'])), format_rate=float(format_ok(results[0])))
 
-# %% ../nbs/14_eval.ipynb #2234883f
+# %% ../nbs/14_eval.ipynb #c7a054a3
 def tasks_dir() -> Path:
     "The lm-eval task files shipped with small_doge (`--include_path` for the `lm_eval` command)."
     from importlib import resources
@@ -144,21 +160,12 @@ def tasks_dir() -> Path:
 OFFLINE_TASKS = ('doge_api_summary_seen', 'doge_api_summary_heldout', 'doge_next_line', 'doge_stdlib_perplexity',
                  'doge_arithmetic')
 
-# %% ../nbs/14_eval.ipynb #9a721605
-@contextmanager
-def _quiet_lm_eval(quiet: bool = True):
-    "lm-eval logs every step and prints while bootstrapping: keep its errors only, and bootstrap in this process."
-    import contextlib, io, logging, os
-    if not quiet: yield; return
-    log, env = logging.getLogger('lm_eval'), os.environ.get('DISABLE_MULTIPROC')
-    level = log.level
-    log.setLevel(logging.ERROR); os.environ['DISABLE_MULTIPROC'] = '1'   # no process pool for a few bootstrap draws
-    try:
-        with contextlib.redirect_stdout(io.StringIO()): yield
-    finally:
-        log.setLevel(level)
-        if env is None: os.environ.pop('DISABLE_MULTIPROC', None)
-        else: os.environ['DISABLE_MULTIPROC'] = env
+# %% ../nbs/14_eval.ipynb #431c80f2
+def require_lm_eval() -> None:
+    "A `ConfigError` saying how to install lm-eval (the `eval` extra) when it is missing."
+    import importlib.util
+    if importlib.util.find_spec('lm_eval') is None:
+        raise ConfigError("evaluation needs lm-eval: pip install 'small-doge[eval]' (from a clone: pip install -e '.[eval]')")
 
 def _check_task_file(spec: str) -> None:
     "A task given as a YAML file: the file, and every local data file it names, must exist."
@@ -174,10 +181,11 @@ def _check_task_file(spec: str) -> None:
         if '://' not in f and not any(ch in f for ch in '*?[') and not Path(f).expanduser().exists():
             raise DataError(f"task {cfg.get('task', path.stem)} ({path}): data file not found: {f}")
 
-# %% ../nbs/14_eval.ipynb #89486e09
+# %% ../nbs/14_eval.ipynb #c11c4281
 def load_tasks(tasks: Sequence[str], metadata: dict | None = None, quiet: bool = True):
     """lm-eval's TaskManager (the packaged tasks, plus lm-eval's registry unless only offline tasks are asked for) and
     the built tasks, groups and tags; an unknown name or data that cannot be loaded is one error naming the task."""
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
     names = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t and t.strip()]
     if not names: raise ConfigError('no tasks to run')
@@ -185,7 +193,7 @@ def load_tasks(tasks: Sequence[str], metadata: dict | None = None, quiet: bool =
     for t in filter(is_file, names): _check_task_file(t)
     ours = {*OFFLINE_TASKS, 'doge_offline'}
     registry = any(t not in ours and not is_file(t) for t in names)   # indexing lm-eval's own tasks takes seconds
-    with _quiet_lm_eval(quiet):
+    with quiet_lm_eval(quiet):
         tm = TaskManager(include_path=str(tasks_dir()), include_defaults=registry, metadata=metadata)
         if unknown := [t for t in names if not is_file(t) and t not in tm.all_tasks]:
             raise ConfigError(f"unknown task{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: neither a small_doge "
@@ -202,19 +210,20 @@ def load_tasks(tasks: Sequence[str], metadata: dict | None = None, quiet: bool =
             built += [top] if top is not None else list(loaded['tasks'].values())   # a tag: its tasks
     return tm, built
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], limit: int | None = None, batch_size: int = 8,
+def run_lm_eval(model, tokenizer, tasks: Sequence, limit: int | None = None, batch_size: int = 8,
                 metadata: dict | None = None, log_samples: bool = False, bootstrap_iters: int = 1000,
-                quiet: bool = True, **kwargs) -> dict:
-    "`lm_eval.simple_evaluate` with `HFLM(pretrained=model, tokenizer=tokenizer)`: lm-eval tasks on a model in memory."
+                quiet: bool = True, task_manager=None, **kwargs) -> dict:
+    """`lm_eval.simple_evaluate` with `HFLM(pretrained=model, tokenizer=tokenizer)`: lm-eval tasks on a model in memory
+    (task names, or the tasks `load_tasks` built, with its `task_manager`)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    tm, built = load_tasks(tasks, metadata, quiet)
-    with _quiet_lm_eval(quiet):
+    tm, built = (task_manager, list(tasks)) if task_manager is not None else load_tasks(tasks, metadata, quiet)
+    with quiet_lm_eval(quiet):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         return lm_eval.simple_evaluate(model=lm, tasks=built, task_manager=tm, limit=limit, log_samples=log_samples,
                                        bootstrap_iters=bootstrap_iters, **kwargs)
 
-# %% ../nbs/14_eval.ipynb #cb0d9704
+# %% ../nbs/14_eval.ipynb #885520ea
 def task_scores(results: dict) -> dict:
     "task or group -> {metric: value} from lm-eval's results (the default filter's name dropped)."
     out = {}
@@ -260,6 +269,16 @@ def compare_with_seeds(scores: dict, seed_model: str = 'doge-20m') -> list[dict]
     return [dict(benchmark=col, task=p['task'], shots=p['num_fewshot'], metric=p['metric'],
                  ours=100 * scores[p['task']][p['metric']], seeds=SEED_RESULTS[seed_model][col])
             for col, p in SEED_PROTOCOL.items() if p['metric'] in scores.get(p['task'], {})]
+
+def seeds_markdown(scores: dict) -> str:
+    "A markdown table of this model next to the seeds' four models on the seeds' benchmarks it was run on ('' if none)."
+    rows = compare_with_seeds(scores)
+    if not rows: return ''
+    head = ['benchmark', 'shots', 'metric', 'this model'] + [m.replace('doge', 'Doge').replace('m', 'M') for m in SEED_RESULTS]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * 3 + '---:|' * (len(head) - 3)]
+    lines += [f"| {r['benchmark']} | {r['shots']} | {r['metric']} | {r['ours']:.1f} | "
+              + ' | '.join(str(SEED_RESULTS[m][r['benchmark']]) for m in SEED_RESULTS) + ' |' for r in rows]
+    return '\n'.join(lines)
 
 # %% ../nbs/14_eval.ipynb #ff1a3b9f
 def _device(model) -> torch.device: return next(model.parameters()).device
@@ -371,13 +390,15 @@ def evaluate_model(model_dir, tasks: Sequence[str] | None = None, limit: int | N
     from small_doge.tokenizer import load_tokenizer
     t0 = time.time()
     if limit is not None and limit < 1: raise ConfigError(f'limit must be >= 1, got {limit}')
+    if batch_size < 1: raise ConfigError(f'batch_size must be >= 1, got {batch_size}')
+    if (metadata or {}).get('n', 1) < 1: raise ConfigError(f"n (examples an offline task generates) must be >= 1, got {metadata['n']}")
     path = resolve_model_path(model_dir)
-    check_checkpoint_dir(path); load_tokenizer(path)   # a bad model directory fails before any task is built,
+    check_checkpoint_dir(path); load_tokenizer(path)   # a bad model directory fails before any task is built
     names = list(tasks or OFFLINE_TASKS)
-    load_tasks(names, metadata, quiet)                 # a bad task before the model is loaded
+    tm, built = load_tasks(names, metadata, quiet)     # and a bad task, before the model is loaded
     model, tokenizer = load_model_and_tokenizer(path)
     model = model.to(device or ('cuda' if torch.cuda.is_available() else 'cpu')).eval()
-    results = run_lm_eval(model, tokenizer, names, limit=limit, batch_size=batch_size, metadata=metadata, quiet=quiet)
+    results = run_lm_eval(model, tokenizer, built, limit=limit, batch_size=batch_size, quiet=quiet, task_manager=tm)
     summary = dict(model_dir=str(path), parameters=sum(p.numel() for p in model.parameters()), tasks=names,
                    limit=limit, scores=task_scores(results))
     if speed: summary['speed'] = generation_speed(model, tokenizer)
@@ -386,6 +407,9 @@ def evaluate_model(model_dir, tasks: Sequence[str] | None = None, limit: int | N
         out_dir = Path(out_dir)
         with atomic_write(out_dir/'results.json') as f:
             json.dump(dict(results, small_doge=summary), f, indent=2, default=handle_non_serializable)
-        with atomic_write(out_dir/'results.md') as f: f.write(f'# lm-eval results: {path}\n\n{results_markdown(results)}\n')
+        seeds = seeds_markdown(summary['scores'])
+        with atomic_write(out_dir/'results.md') as f:
+            f.write(f'# lm-eval results: {path}\n\n{results_markdown(results)}\n'
+                    + (f"\n## Next to the seeds' models (%)\n\n{seeds}\n" if seeds else ''))
         summary['files'] = [str(out_dir/'results.json'), str(out_dir/'results.md')]
     return summary
