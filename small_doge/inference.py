@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .core import ConfigError, DataError
 from .attention import _keys_best_first, dynamic_bias, dynamic_mask_attention
 from .moe import product_key_topk
-from .rope import apply_rotary_pos_emb, compute_inv_freq
+from .rope import apply_rotary_pos_emb
 
 # %% auto #0
 __all__ = ['TRAIN_VARIANTS', 'EXIT_COMMANDS', 'window_slot', 'WindowCache', 'FastGenerator', 'native_doge', 'bench_decode',
@@ -145,7 +145,7 @@ class FastGenerator:
         self.D = cfg.hidden_size // self.H
         self.eps, self.scaling = cfg.rms_norm_eps, self.D ** -0.5
         rope = model.model.rotary_emb
-        self.rope_type, self.rope_factor, self.rope_base = rope.rope_type, rope.factor, rope.base
+        self.rope, self.rope_type, self.rope_scale = rope, rope.rope_type, float(rope.attention_scaling)
         n_pos = cfg.max_position_embeddings
         self.position_limit = n_pos * int(rope.factor) if rope.rope_type == 'dynamic' else n_pos
         self.max_length = self.position_limit if max_length is None else max_length
@@ -182,11 +182,14 @@ class FastGenerator:
 # %% ../nbs/15_inference.ipynb #2a1a0bb3
 @torch.no_grad()
 def _inv_freq_at(self: FastGenerator, seq_len: int) -> torch.Tensor:
-    "RoPE inverse frequencies for a batch whose longest row has `seq_len` positions (dynamic NTK beyond the trained length)."
-    n_pos = self.config.max_position_embeddings
-    if self.rope_type != 'dynamic' or seq_len <= n_pos: return self.inv_freq
-    return compute_inv_freq(self.D, self.rope_base, factor=self.rope_factor, seq_len=seq_len,
-                            max_position_embeddings=n_pos, device=self.device)
+    "RoPE inverse frequencies for a batch whose longest row has `seq_len` positions, as transformers' `dynamic_rope_update`."
+    rope = self.rope
+    if self.rope_type == 'dynamic' and seq_len > rope.original_max_seq_len:   # NTK: regrown for this length
+        return rope.rope_init_fn(rope.config, self.device, seq_len=torch.tensor(seq_len, device=self.device))[0]
+    if self.rope_type == 'longrope':                                          # long factors past the trained length
+        trained = rope.config.rope_parameters['original_max_position_embeddings']
+        if seq_len > trained: return rope.rope_init_fn(rope.config, self.device, seq_len=trained + 1)[0]
+    return self.inv_freq
 
 @torch.no_grad()
 def _prefill(self: FastGenerator, ids, mask, cache: WindowCache, chunk: int = 512):
@@ -196,7 +199,7 @@ def _prefill(self: FastGenerator, ids, mask, cache: WindowCache, chunk: int = 51
     pos = (torch.arange(P, device=ids.device).expand(B, P) if mask is None else (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))
     freqs = pos[..., None].float() * self._inv_freq_at(int(pos.max()) + 1)
     emb = torch.cat((freqs, freqs), -1)
-    cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+    cos, sin = (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
     h = F.embedding(ids, self.embed)
     for i, L in enumerate(self.layers):
         q, k, v = F.linear(_rms(h, L.ln1, eps), L.qkv, L.qkv_b).split([H * D, Hkv * D, Hkv * D], -1)
@@ -220,6 +223,7 @@ def _step(self: FastGenerator, tok, pos, inv_freq, t: int, cache: WindowCache):
     B, H, Hkv, eps = tok.shape[0], self.H, self.Hkv, self.eps
     freqs = pos[:, None].float() * inv_freq
     c, s = freqs.cos(), freqs.sin()
+    if self.rope_scale != 1.0: c, s = c * self.rope_scale, s * self.rope_scale   # yarn, longrope: scaled cos/sin
     cos, sin = torch.cat((c, c), -1)[:, None].to(self.dtype), torch.cat((-s, s), -1)[:, None].to(self.dtype)
     h = F.embedding(tok, self.embed)
     for i, L in enumerate(self.layers):
@@ -336,7 +340,7 @@ def _decode(self: FastGenerator, input_ids, max_new_tokens=None, do_sample=False
     inv_freq = self._inv_freq_at(longest + 1)
     for t in range(N):
         if t:
-            if self.rope_type == 'dynamic': inv_freq = self._inv_freq_at(longest + t + 1)
+            if self.rope_type in ('dynamic', 'longrope'): inv_freq = self._inv_freq_at(longest + t + 1)
             logits = self._step(tok, last + t, inv_freq, P + t - 1, cache)
         scores = logits.float()
         if logits_processor is not None: scores = logits_processor(out[:, :P + t], scores)

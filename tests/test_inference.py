@@ -8,11 +8,14 @@ from transformers import LogitsProcessor
 
 from small_doge.attention import dynamic_mask
 from small_doge.core import ConfigError, DataError, seed_everything
+from small_doge.data import token_ids
 from small_doge.doge import DogeConfig, DogeForCausalLM
 from small_doge.inference import (FastGenerator, WindowCache, _fit_history, bench_decode, chat_generate, chat_repl,
                                   window_slot)
 
 FAST = settings(max_examples=25, deadline=None)
+
+def encode(tok, text): return list(token_ids(tok, [text])[0])
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +105,21 @@ def test_greedy_equals_generate_past_the_trained_length_with_dynamic_ntk():
     mask = left_mask([20, 13], 20)
     ref = m.generate(ids, attention_mask=mask, max_new_tokens=70, do_sample=False, pad_token_id=0)
     assert torch.equal(FastGenerator(m).generate(ids, 70, attention_mask=mask, pad_token_id=0), ref)
+
+
+ROPES = {  # transformers' other RoPE types: static frequencies, scaled cos/sin (yarn, longrope), factors switched past 16
+    'linear': dict(rope_type='linear', factor=2.0), 'yarn': dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=16),
+    'llama3': dict(rope_type='llama3', factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+    'longrope': dict(rope_type='longrope', short_factor=[1 + i / 10 for i in range(8)], long_factor=[2 + i / 5 for i in range(8)],
+                     original_max_position_embeddings=16)}
+
+@pytest.mark.parametrize('rope', ROPES)
+def test_greedy_equals_generate_with_every_rope_type(rope):
+    m = doge(W=8, max_position_embeddings=64, rope_parameters=dict(ROPES[rope], rope_theta=10000.0))
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = left_mask([12, 7], 12)
+    ref = m.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert torch.equal(FastGenerator(m).generate(ids, 40, attention_mask=mask, pad_token_id=0), ref)
 
 
 def test_eos_ends_rows_like_generate():
@@ -236,7 +254,6 @@ class Scripted(LogitsProcessor):
     def __init__(self, tok, reply, tail=(), interrupt=None):
         self.tok, self.reply, self.tail, self.turn, self.last, self.interrupt = tok, reply, list(tail), 0, -1, interrupt
     def __call__(self, input_ids, scores):
-        from small_doge.evaluate import encode
         from small_doge.tokenizer import IM_END
         n = input_ids.shape[1]
         if n != self.last + 1: self.turn, self.start = self.turn + 1, n
@@ -248,7 +265,6 @@ class Scripted(LogitsProcessor):
         return forced
 
 def test_chat_generate_returns_only_the_reply(model, tok):
-    from small_doge.evaluate import encode
     p = Scripted(tok, lambda t: 'Woof, `json.dumps`!', tail=encode(tok, 'junk'))
     msgs = [dict(role='system', content='Be brief.'), dict(role='user', content='Hi')]
     assert chat_generate(model, tok, msgs, logits_processor=p) == 'Woof, `json.dumps`!'
@@ -257,7 +273,6 @@ def test_chat_generate_returns_only_the_reply(model, tok):
     with pytest.raises(DataError, match='at least one message'): chat_generate(model, tok, [])
 
 def test_chat_generate_respects_model_positions(model, tok):
-    from small_doge.evaluate import encode
     n_pos = model.config.max_position_embeddings
     out = chat_generate(model, tok, [dict(role='user', content='hi')], max_new_tokens=10 * n_pos,
                         logits_processor=Scripted(tok, lambda t: 'x' * 2000))
