@@ -115,6 +115,7 @@ def _import_obj(spec: str):
     module, name = spec.split(':')
     return getattr(importlib.import_module(module), name)
 
+# %% ../nbs/18_runs.ipynb #e376e429
 def _coerce(value, hint, key: str, where: str):
     "Convert a YAML value to the declared type `hint`, or raise a ConfigError naming `key`."
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -145,6 +146,7 @@ def _coerce(value, hint, key: str, where: str):
     if ok is None: raise ConfigError(f'{where}: {key!r} must be {getattr(origin, "__name__", origin)}, got {value!r}')
     return ok
 
+# %% ../nbs/18_runs.ipynb #41f9ae85
 def make_recipe(cls, values: dict, where: str = 'recipe'):
     "Build the recipe dataclass `cls` from `values`: unknown keys and wrong types raise `ConfigError`."
     if not isinstance(values, dict): raise ConfigError(f'{where}: a recipe must be a mapping of keys to values, got {type(values).__name__}')
@@ -189,6 +191,7 @@ def load_recipe(path_or_name, **overrides) -> Recipe:
     make_recipe(Recipe, {k: v for k, v in values.items() if k in shared}, where=str(p))
     return make_recipe(_import_obj(RECIPE_STAGES[stage]), values, where=str(p))
 
+# %% ../nbs/18_runs.ipynb #fafd2f46
 def parse_overrides(items) -> dict:
     "`['key=value', ...]` (the CLI's `--set`) to a dict, each value read as YAML (`1e-3`, `true`, `[1, 2]`, `null`)."
     out = {}
@@ -214,6 +217,7 @@ def as_recipe(recipe, stage: str, /, **overrides):
         raise ConfigError(f'recipe {recipe.name!r} is for stage {recipe.stage!r}, not {stage!r}')
     return recipe
 
+# %% ../nbs/18_runs.ipynb #df26a3c4
 def start_run(recipe: Recipe):
     "Seed everything with the recipe's seed and apply its CPU thread count; call first in every stage."
     import torch
@@ -272,6 +276,7 @@ def last_checkpoint(output_dir) -> Path | None:
     cks = list_checkpoints(output_dir)
     return cks[-1] if cks else None
 
+# %% ../nbs/18_runs.ipynb #962fa5fb
 _WRITE_FAILURES = ('space left', 'os error', 'inline_container', 'failed writing', 'file write failed', 'quota',
                    'file too large', 'read-only file system')
 
@@ -286,6 +291,7 @@ def write_failure(e: BaseException, folder) -> str:
     full = f'the disk is full ({free / 2**20:.1f} MB free): ' if free is not None and free < 64 * 2**20 else ''
     return full + ' '.join(f'{type(e).__name__}: {e}'.split())
 
+# %% ../nbs/18_runs.ipynb #a484642f
 class AtomicCheckpointMixin:
     "Trainer mixin: each checkpoint is written under a hidden staging name, then renamed into place."
     _staging_dir = None
@@ -340,6 +346,7 @@ def resolve_resume(recipe: Recipe) -> str | None:
         raise CheckpointError(f'{p} is not a complete checkpoint (needs {", ".join(CHECKPOINT_FILES)})')
     return str(p)
 
+# %% ../nbs/18_runs.ipynb #da7e0128
 def check_checkpoint_fits(checkpoint, config, tokenizer=None) -> None:
     "Raise `CheckpointError` if the checkpoint holds another architecture than `config` (or was trained with another `tokenizer`)."
     from small_doge.doge import DOGE_MODEL_TYPES
@@ -359,6 +366,7 @@ def check_checkpoint_fits(checkpoint, config, tokenizer=None) -> None:
         if not same: raise CheckpointError(f'{checkpoint} was trained with another tokenizer (other tokens or merges); '
                                            'resume with the tokenizer it was trained with')
 
+# %% ../nbs/18_runs.ipynb #f9648c25
 OPTIMIZER_STATE = ('optimizer', 'scheduler')   # optimizer.pt, scheduler.pt (DeepSpeed: global_step*/, FSDP: optimizer_0/)
 
 def check_resumable(checkpoint, reset_optimizer: bool = False) -> str:
@@ -489,6 +497,7 @@ def save_final_model(trainer, tokenizer, model_dir):
         shutil.rmtree(old, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
 
+# %% ../nbs/18_runs.ipynb #6c047c3b
 def eval_history(log_history, key: str = 'eval_loss') -> list[tuple[int, float]]:
     "(step, value) pairs of `key` from a trainer's log history, one per step (the last logged)."
     return list({h['step']: (h['step'], h[key]) for h in log_history if key in h}.values())
@@ -603,6 +612,7 @@ def _train(self: Stage, trainer):
             return TrainOutput(step, None, {})                   # no step was trained by this call
     return trainer.train(resume_from_checkpoint=self.resume)
 
+# %% ../nbs/18_runs.ipynb #66bf1d35
 def _finish(self: Stage, trainer, tokenizer, result: dict) -> dict:
     "Save the final model with its tokenizer, then write `results.json` and `recipe.yaml`; returns the full result."
     save_final_model(trainer, tokenizer, self.model_dir)

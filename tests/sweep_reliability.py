@@ -24,7 +24,7 @@ import small_doge  # noqa: F401  (sets up Triton's interpreter on a machine with
 from test_reliability import CASES, TINY, build_world, run_case  # noqa: E402
 
 BAD_COUNTS = ['-5', '0', 'nan', 'inf', 'abc', '[1, 2]', '2.5']      # for fields that count something (>= 1)
-BAD_NUMBERS = ['-5', 'nan', 'inf', '-inf', 'abc', '{a: 1}']         # for any number
+BAD_NUMBERS = ['-5', 'nan', 'inf', '-inf', 'abc', '{{a: 1}}']         # for any number
 SHARED_COUNTS = ['per_device_train_batch_size', 'per_device_eval_batch_size', 'gradient_accumulation_steps', 'logging_steps',
                  'eval_steps', 'save_steps', 'save_total_limit', 'num_threads']
 SHARED_NUMBERS = ['seed', 'learning_rate', 'max_steps', 'num_train_epochs', 'warmup_ratio', 'weight_decay', 'adam_beta1',
@@ -32,9 +32,9 @@ SHARED_NUMBERS = ['seed', 'learning_rate', 'max_steps', 'num_train_epochs', 'war
 STAGE_FIELDS = dict(
     pretrain=dict(counts=['block_size', 'data_max_files', 'max_val_blocks', 'tokens_per_step', 'hub_validation_texts'],
                   numbers=['decay_ratio', 'min_lr_ratio', 'warmup_steps', 'decay_steps'],
-                  other=[('tokenizer_vocab_size', '100'), ('decay', 'exp'), ('warmup_ratio', '0.7'), ('model', 'doge-9000'),
+                  other=[('tokenizer_vocab_size', '100'), ('decay', 'exp'), ('warmup_ratio', '0.95'), ('model', 'doge-9000'),
                          ('attn_backend', 'magic'), ('data', '/nonexistent/data.txt'), ('tokenizer', 'runs/nosuch-tok'),
-                         ('stage', 'sft'), ('stage', '[1]'), ('model_overrides', '{hidden_size: -3}'), ('resume_from_checkpoint', '/nope')]),
+                         ('stage', 'sft'), ('stage', '[1]'), ('model_overrides', '{{hidden_size: -3}}'), ('resume_from_checkpoint', '/nope')]),
     sft=dict(counts=['max_eval_examples', 'max_length', 'max_new_tokens', 'hub_test_examples'], numbers=['test_frac', 'min_lr_rate'],
              other=[('data_max_examples', '1'), ('test_frac', '1.5'), ('model_path', 'runs/nosuch'), ('data', 'nope.jsonl'),
                     ('lerning_rate', '1e-3')]),
