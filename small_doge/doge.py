@@ -22,7 +22,7 @@ from .core import CheckpointError, ConfigError, DataError
 from .norm import RMSNorm
 from .rope import ROPE_TYPES, DogeRotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq
 from .attention import BACKENDS, dynamic_bias, dynamic_mask_attention
-from .moe import DogeCDMoE, DogeMLP, check_moe_config, expert_logits, load_balancing_loss
+from .moe import DogeCDMoE, DogeMLP, check_moe_config, load_balancing_loss
 
 # %% auto #0
 __all__ = ['DOGE_MODEL_TYPES', 'DOGE_PRESETS', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'check_doge_config', 'DogeConfig',
@@ -337,7 +337,7 @@ class DogeModel(DogePreTrainedModel):
             if output_hidden_states: all_hidden.append(h)
             h, router_logits = layer(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                      past_key_values=past_key_values)
-            if output_router_logits: all_router.append(expert_logits(router_logits))
+            if output_router_logits: all_router.append(router_logits)
         h = self.norm(h)
         if output_hidden_states: all_hidden.append(h)
         return MoeModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None,

@@ -9,7 +9,7 @@ from small_doge.core import CheckpointError, ConfigError, DataError
 from small_doge.pretrain import (PretrainRecipe, list_checkpoints, list_recipes, load_recipe, make_recipe, pretrain,
                                  recipes_dir, run_recipe, save_recipe)
 
-STAGES = ('pretrain', 'sft', 'dpo', 'reason')
+STAGES = ('pretrain', 'sft', 'dpo', 'reason', 'upcycle')
 
 
 def test_every_packaged_recipe_loads():
