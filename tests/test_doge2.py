@@ -302,3 +302,20 @@ def test_tensor_tracker_counts_allocations_not_views():
     with TensorTracker() as tt:
         y = x @ x; z = y.t(); w = y.relu(); del y, z; v = w + 1
     assert tt.peak == 2 * 64 * 64 * 4 and tt.current == 2 * 64 * 64 * 4
+
+
+def test_cli_upcycle(tiny_source, tmp_path, capsys):
+    from small_doge.cli import main
+    from small_doge.runs import save_recipe
+    recipe = save_recipe(tiny_recipe(tiny_source, tmp_path/'unused', save_steps=None), tmp_path/'tiny-upcycle.yaml')
+    argv = ['upcycle', '--from', str(tiny_source), '--out', str(tmp_path/'run'), '--recipe', str(recipe),
+            '--set', 'max_steps=3', '--set', 'warmup_phase_steps=[1, 1, 0]']
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index('{\n'):])
+    assert result['steps'] == 3 and result['phase_switches'] == [[0, 1], [1, 2], [2, 4]]
+    assert (tmp_path/'run'/'model'/'model.safetensors').is_file() and (tmp_path/'run'/'results.json').is_file()
+    assert main(['upcycle', '--from', str(tmp_path/'nope'), '--out', str(tmp_path/'x'), '--recipe', str(recipe)]) == 2
+    assert 'upcycle: error: model to convert not found' in capsys.readouterr().err
+    assert main(['upcycle', '--from', str(tiny_source), '--out', str(tmp_path/'y'), '--recipe', 'pretrain-tiny-cpu']) == 2
+    assert "not 'upcycle'" in capsys.readouterr().err
