@@ -111,13 +111,24 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match='not a multiple of num_key_value_heads'): llama_to_doge(tiny_llama(num_key_value_heads=3))
     with pytest.raises(ConfigError, match='head_dim = hidden_size'): llama_to_doge(tiny_llama(head_dim=32))
     with pytest.raises(ConfigError, match='attention_bias'): llama_to_doge(tiny_llama(attention_bias=True))
-    llama3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                  original_max_position_embeddings=64, rope_theta=1e4)
-    with pytest.raises(ConfigError, match="rope_type 'llama3'"): llama_to_doge(tiny_llama(rope_parameters=llama3))
     with pytest.raises(ConfigError, match='perfect square'): llama_to_doge(tiny_llama(), num_experts=10)
     # a saved Llama whose weights are missing
     tiny_llama().config.save_pretrained(tmp_path/'noweights')
     with pytest.raises(CheckpointError, match='could not load'): llama_to_doge(tmp_path/'noweights')
+
+
+def test_llama3_rope_converts_and_unknown_rope_type_is_an_error():
+    "Doge's RoPE takes every transformers rope type (issue 11): a llama3-scaled Llama converts exactly, positions past the original window included."
+    llama3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=32, rope_theta=1e4)
+    source = tiny_llama(rope_parameters=llama3)
+    doge = llama_to_doge(source, num_experts=None)
+    assert doge.config.rope_parameters['rope_type'] == 'llama3'
+    for layer in doge.model.layers: layer.self_attn.q_norm = layer.self_attn.k_norm = torch.nn.Identity()
+    ids = torch.randint(0, 256, (1, 100))
+    with torch.no_grad(): assert torch.allclose(doge(ids).logits, source(ids).logits, atol=1e-4)
+    source.config.rope_parameters = {'rope_type': 'bogus', 'rope_theta': 1e4}
+    with pytest.raises(ConfigError, match="rope_type 'bogus' has no Doge equivalent"): llama_to_doge(source)
 
 
 def test_cli_style_recipe_errors_come_before_any_work(tmp_path):
