@@ -241,6 +241,7 @@ class StopAt(TrainerCallback):
         if state.global_step >= self.step: control.should_training_stop = True
 
 
+@pytest.mark.slow   # ~220 s on the shared CPU; lesson 09's resume cell checks the same in the default run
 def test_resume_mid_phase_equals_an_uninterrupted_run(tiny_source, tmp_path):
     whole = upcycle(tiny_recipe(tiny_source, tmp_path/'whole'))
     upcycle(tiny_recipe(tiny_source, tmp_path/'split'), callbacks=[StopAt(7)])   # checkpoint-5 is inside phase 2
