@@ -218,6 +218,20 @@ def _bench_parser(p):
         print(bench_table(r))
     return go
 
+# %% ../nbs/20_cli.ipynb #4c0ac249
+@command('upcycle', 'convert a Llama (SmolLM2) into a Doge2 MoE and train it with the phased warm-up (lesson 09)')
+def _upcycle_parser(p):
+    p.add_argument('--from', dest='source', required=True, help="the Llama: a model directory, a .gguf file, a hub id or 'smollm2'")
+    p.add_argument('--out', type=Path, required=True, help='run folder: checkpoints, model/, results.json')
+    p.add_argument('--recipe', default='upcycle-smollm2-cpu', help='recipe YAML path or packaged name (default: upcycle-smollm2-cpu)')
+    p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
+    def go(a):
+        from small_doge.doge2 import upcycle
+        from small_doge.runs import parse_overrides
+        res = upcycle(a.recipe, **{**parse_overrides(a.overrides), 'model': a.source, 'output_dir': str(a.out)})
+        return {k: v for k, v in res.items() if k != 'log_history'}
+    return go
+
 # %% ../nbs/20_cli.ipynb #644057c4
 class Parser(argparse.ArgumentParser):
     "`argparse.ArgumentParser` whose usage errors are one line: what is wrong, and where help is."
