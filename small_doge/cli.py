@@ -64,7 +64,7 @@ def _stage_parser(stage, default_recipe):
         p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
         p.add_argument('--output-dir', default=None, help='where checkpoints and the final model go (overrides the recipe)')
         def go(a):
-            from small_doge.pretrain import as_recipe, parse_overrides, run_recipe
+            from small_doge.runs import as_recipe, parse_overrides, run_recipe
             overrides = parse_overrides(a.overrides)
             if a.output_dir: overrides['output_dir'] = a.output_dir
             return run_recipe(as_recipe(a.config, stage, **overrides))
@@ -81,7 +81,7 @@ for _stage, _help in (('pretrain', 'pretrain a Doge from a recipe (warmup-stable
 @command('recipes', 'list the packaged recipes')
 def _recipes_parser(p):
     def go(a):
-        from small_doge.pretrain import list_recipes
+        from small_doge.runs import list_recipes
         return list_recipes()
     return go
 

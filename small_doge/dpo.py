@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from .core import ConfigError, DataError, in_test, seed_everything
-from .pretrain import AtomicCheckpointMixin, Recipe, as_recipe, eval_history, quiet, resolve_resume, \
-    start_run, training_arguments, write_results
+from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, eval_history, training_arguments
 from .sft import load_model_and_tokenizer, router_aux_loss_coef
 
 # %% auto #0
-__all__ = ['answer_logps', 'preference_metrics', 'frozen_copy', 'DPORecipe', 'dpo_datasets', 'self_play_pairs', 'run_dpo']
+__all__ = ['answer_logps', 'preference_metrics', 'frozen_copy', 'DPORecipe', 'dpo_datasets', 'self_play_pairs',
+           'dpo_trainer_class', 'run_dpo']
 
 # %% ../nbs/12_dpo.ipynb #0ff1fc6c
 def _common_prefix(a, b) -> int:
@@ -126,7 +126,8 @@ def self_play_pairs(model, tokenizer, ds, max_new_tokens: int = 64, batch_size: 
     return out.remove_columns('rejected').add_column('rejected', own_replies).select_columns(ds.column_names)
 
 # %% ../nbs/12_dpo.ipynb #03249598
-def _dpo_trainer_cls():
+def dpo_trainer_class():
+    "TRL's `DPOTrainer` with atomic checkpoints (built on first use, so importing this module does not import TRL)."
     from trl import DPOTrainer
     class DogeDPOTrainer(AtomicCheckpointMixin, DPOTrainer):
         "TRL's DPOTrainer with atomic checkpoints."
@@ -135,51 +136,43 @@ def _dpo_trainer_cls():
 def run_dpo(recipe: DPORecipe | str | Path, callbacks: list | None = None, **overrides) -> dict:
     "DPO from a recipe; returns held-out preference accuracy before/after, reward accuracy and margin, paths, timings."
     from trl import DPOConfig
-    from small_doge.pretrain import _save_final
     recipe = as_recipe(recipe, 'dpo', **overrides)
     if recipe.rejected not in ('dataset', 'self'): raise ConfigError(f"rejected must be 'dataset' or 'self', got {recipe.rejected!r}")
-    t0 = time.time()
-    start_run(recipe)
-    resume = resolve_resume(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
-    ref = load_model_and_tokenizer(recipe.ref_model_path, recipe.attn_backend)[0].eval() if recipe.ref_model_path else frozen_copy(model)
-    ref.requires_grad_(False)
-    dsd = dpo_datasets(recipe)
-    from small_doge.data import first_rows
-    heldout = first_rows(dsd['test'], recipe.max_eval_examples)
-    original = None
-    if recipe.rejected == 'self':
-        original = heldout
-        sp = lambda ds: self_play_pairs(model, tokenizer, ds, recipe.self_play_max_new_tokens)
-        dsd = type(dsd)(train=sp(dsd['train']), test=sp(heldout))
-        heldout = dsd['test']
-        if len(dsd['train']) == 0 or len(heldout) == 0: raise DataError('no self-play pairs: the model already gives the chosen answers')
-        orig_before = preference_metrics(model, tokenizer, original, beta=recipe.beta, max_length=recipe.max_length)
-    before = preference_metrics(model, tokenizer, heldout, beta=recipe.beta, max_length=recipe.max_length)
-    args = training_arguments(recipe, cls=DPOConfig, beta=recipe.beta, loss_type=[recipe.loss_type],
-                              max_length=recipe.max_length, precompute_ref_log_probs=recipe.precompute_ref_log_probs,
-                              lr_scheduler_type=recipe.lr_scheduler_type, warmup_steps=recipe.warmup_ratio,
-                              lr_scheduler_kwargs={'min_lr_rate': recipe.min_lr_rate} if recipe.lr_scheduler_type == 'cosine_with_min_lr' else {},
-                              router_aux_loss_coef=router_aux_loss_coef(model.config), dataset_num_proc=None)
-    trainer = _dpo_trainer_cls()(model=model, ref_model=ref, args=args, train_dataset=dsd['train'], eval_dataset=heldout,
-                                 processing_class=tokenizer, callbacks=callbacks)
-    quiet(trainer, recipe)
-    t1 = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    t_train = time.time() - t1
-    after = preference_metrics(trainer.model, tokenizer, heldout, ref_model=ref, beta=recipe.beta, max_length=recipe.max_length)
-    extra = {}
-    if original is not None:
-        orig_after = preference_metrics(trainer.model, tokenizer, original, beta=recipe.beta, max_length=recipe.max_length)
-        extra = dict(dataset_pref_accuracy_before=orig_before['pref_accuracy'], dataset_pref_accuracy_after=orig_after['pref_accuracy'])
-    out = recipe.run_dir()
-    _save_final(trainer, tokenizer, out/'model')
-    result = dict(stage='dpo', name=recipe.name, output_dir=str(out), model_dir=str(out/'model'), start_model=recipe.model_path,
-                  pref_accuracy_before=before['pref_accuracy'], pref_accuracy_after=after['pref_accuracy'],
-                  reward_accuracy=after['reward_accuracy'], reward_margin=after['reward_margin'],
-                  reward_chosen=after['reward_chosen'], reward_rejected=after['reward_rejected'],
-                  rejected=recipe.rejected, **extra, before=before, after=after, eval_history=eval_history(trainer.state.log_history),
-                  train_loss=train_out.training_loss, steps=trainer.state.global_step, train_pairs=len(dsd['train']),
-                  heldout_pairs=len(heldout), resumed_from=resume, train_seconds=round(t_train, 1),
-                  seconds=round(time.time() - t0, 1), log_history=trainer.state.log_history)
-    return write_results(recipe, result, trainer.is_world_process_zero())
+    with begin_stage(recipe) as st:
+        model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
+        ref = load_model_and_tokenizer(recipe.ref_model_path, recipe.attn_backend)[0].eval() if recipe.ref_model_path else frozen_copy(model)
+        ref.requires_grad_(False)
+        dsd = dpo_datasets(recipe)
+        from small_doge.data import first_rows
+        heldout = first_rows(dsd['test'], recipe.max_eval_examples)
+        original = None
+        if recipe.rejected == 'self':
+            original = heldout
+            sp = lambda ds: self_play_pairs(model, tokenizer, ds, recipe.self_play_max_new_tokens)
+            dsd = type(dsd)(train=sp(dsd['train']), test=sp(heldout))
+            heldout = dsd['test']
+            if len(dsd['train']) == 0 or len(heldout) == 0: raise DataError('no self-play pairs: the model already gives the chosen answers')
+            orig_before = preference_metrics(model, tokenizer, original, beta=recipe.beta, max_length=recipe.max_length)
+        before = preference_metrics(model, tokenizer, heldout, beta=recipe.beta, max_length=recipe.max_length)
+        args = training_arguments(recipe, cls=DPOConfig, beta=recipe.beta, loss_type=[recipe.loss_type],
+                                  max_length=recipe.max_length, precompute_ref_log_probs=recipe.precompute_ref_log_probs,
+                                  lr_scheduler_type=recipe.lr_scheduler_type, warmup_steps=recipe.warmup_ratio,
+                                  lr_scheduler_kwargs={'min_lr_rate': recipe.min_lr_rate} if recipe.lr_scheduler_type == 'cosine_with_min_lr' else {},
+                                  router_aux_loss_coef=router_aux_loss_coef(model.config), dataset_num_proc=None)
+        trainer = st.trainer(dpo_trainer_class()(model=model, ref_model=ref, args=args, train_dataset=dsd['train'], eval_dataset=heldout,
+                                                 processing_class=tokenizer, callbacks=callbacks))
+        t1 = time.time()
+        train_out = st.train(trainer)
+        t_train = time.time() - t1
+        after = preference_metrics(trainer.model, tokenizer, heldout, ref_model=ref, beta=recipe.beta, max_length=recipe.max_length)
+        extra = {}
+        if original is not None:
+            orig_after = preference_metrics(trainer.model, tokenizer, original, beta=recipe.beta, max_length=recipe.max_length)
+            extra = dict(dataset_pref_accuracy_before=orig_before['pref_accuracy'], dataset_pref_accuracy_after=orig_after['pref_accuracy'])
+        return st.finish(trainer, tokenizer, dict(
+            start_model=recipe.model_path, pref_accuracy_before=before['pref_accuracy'], pref_accuracy_after=after['pref_accuracy'],
+            reward_accuracy=after['reward_accuracy'], reward_margin=after['reward_margin'],
+            reward_chosen=after['reward_chosen'], reward_rejected=after['reward_rejected'],
+            rejected=recipe.rejected, **extra, before=before, after=after, eval_history=eval_history(trainer.state.log_history),
+            train_loss=train_out.training_loss, steps=trainer.state.global_step, train_pairs=len(dsd['train']),
+            heldout_pairs=len(heldout), train_seconds=round(t_train, 1), log_history=trainer.state.log_history))

@@ -23,7 +23,7 @@ class Preset:
     name: str
     max_files: int | None = None        # stdlib files in the corpus (None: all)
     vocab_size: int = 32768              # tokenizer vocabulary, special tokens included
-    recipes: dict = field(default_factory=dict)   # stage -> recipe name or path (see `small_doge.pretrain`)
+    recipes: dict = field(default_factory=dict)   # stage -> recipe name or path (see `small_doge.runs`)
     overrides: dict = field(default_factory=dict) # stage -> {recipe key: value} applied on top of the recipe
     stages: tuple = ('corpus', 'tokenizer')
 
@@ -97,7 +97,7 @@ def stage_tokenizer(ctx):
 
 def _train(ctx, stage, **inputs):
     "Run the preset's recipe for `stage` into `<run>/<stage>`, feeding it the artifacts of earlier stages."
-    from small_doge.pretrain import run_recipe, as_recipe
+    from small_doge.runs import as_recipe, run_recipe
     overrides = {**ctx.preset.overrides.get(stage, {}), **inputs, 'output_dir': str(ctx.out_dir/stage)}
     info = run_recipe(as_recipe(ctx.preset.recipes[stage], stage, **overrides))
     ctx.artifacts[stage] = Path(info['model_dir'])

@@ -4,28 +4,21 @@
 
 # %% ../nbs/10_pretrain.ipynb #23b86a02
 from __future__ import annotations
-import dataclasses, difflib, functools, importlib, json, math, os, re, shutil, time, types, typing
-from dataclasses import dataclass, field, fields
-from importlib import resources
+import functools, math, os, re, time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import Trainer
 
-from .core import (CheckpointError, ConfigError, DataError, atomic_dir, atomic_write, doge_home,
-                             in_test, seed_everything)
+from .core import ConfigError, DataError, in_test, seed_everything
+from .runs import (AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, check_checkpoint_fits, eval_history,
+                             list_checkpoints, load_recipe, make_recipe, training_arguments, quiet, world_size)
 
 # %% auto #0
-__all__ = ['WSD_DECAYS', 'RECIPE_STAGES', 'STAGE_RUNNERS', 'CHECKPOINT_FILES', 'ARCH_FIELDS', 'wsd_lambda', 'wsd_schedule',
-           'Recipe', 'PretrainRecipe', 'make_recipe', 'recipes_dir', 'list_recipes', 'load_recipe', 'parse_overrides',
-           'save_recipe', 'as_recipe', 'start_run', 'run_recipe', 'training_arguments', 'quiet', 'list_checkpoints',
-           'last_checkpoint', 'AtomicCheckpointMixin', 'WSDTrainer', 'collate_blocks', 'pretrain_corpus',
-           'pretrain_tokenizer', 'build_model', 'pack_stream', 'resolve_resume', 'check_checkpoint_fits',
-           'eval_history', 'write_results', 'pretrain', 'plot_history']
+__all__ = ['WSD_DECAYS', 'wsd_lambda', 'wsd_schedule', 'PretrainRecipe', 'WSDTrainer', 'collate_blocks', 'pretrain_corpus',
+           'pretrain_tokenizer', 'build_model', 'pack_stream', 'pretrain', 'plot_history']
 
 # %% ../nbs/10_pretrain.ipynb #f929d569
 WSD_DECAYS = ('linear', 'cosine', 'sqrt')
@@ -54,43 +47,6 @@ def wsd_schedule(optimizer, num_training_steps: int, warmup_ratio: float = 0.1, 
                            min_lr_ratio=min_lr_ratio, decay=decay)
     return LambdaLR(optimizer, fn, last_epoch=last_epoch)
 
-# %% ../nbs/10_pretrain.ipynb #9298ed73
-@dataclass
-class Recipe:
-    "Fields every training stage shares: where to write, seed, optimiser, batch, logging and checkpoints."
-    stage: str = ''
-    name: str = ''                       # set from the file name by `load_recipe`
-    output_dir: str = ''                 # '' -> doge_home()/runs/<name>
-    seed: int = 42
-    learning_rate: float = 1e-3
-    max_steps: int = -1                  # -1: run `num_train_epochs`
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    eval_steps: int | None = None        # None: evaluate only at the end
-    save_steps: int | None = 500         # None: no intermediate checkpoints
-    save_total_limit: int | None = 2
-    resume_from_checkpoint: bool | str | None = None   # True: the last complete checkpoint in output_dir, if any
-    attn_backend: str = 'sdpa'           # Doge attention implementation ('eager', 'sdpa', 'triton')
-    num_threads: int | None = None       # torch CPU threads for this run (None: leave as is)
-    dataloader_num_workers: int = 0
-    report_to: str = 'none'
-    disable_tqdm: bool = False
-
-    def run_dir(self) -> Path:
-        "The output directory (`output_dir`, or `doge_home()/runs/<name or stage>`)."
-        return Path(self.output_dir).expanduser() if self.output_dir else doge_home()/'runs'/(self.name or self.stage)
-
 # %% ../nbs/10_pretrain.ipynb #9603f7cb
 @dataclass
 class PretrainRecipe(Recipe):
@@ -112,195 +68,6 @@ class PretrainRecipe(Recipe):
     warmup_steps: int | None = None      # absolute phase lengths override the ratios (fresh decays)
     decay_steps: int | None = None
     save_steps: int | None = 1000
-
-# %% ../nbs/10_pretrain.ipynb #478200bc
-RECIPE_STAGES = {'pretrain': 'small_doge.pretrain:PretrainRecipe', 'sft': 'small_doge.sft:SFTRecipe',
-                 'dpo': 'small_doge.dpo:DPORecipe', 'reason': 'small_doge.reasoning:ReasonRecipe'}
-STAGE_RUNNERS = {'pretrain': 'small_doge.pretrain:pretrain', 'sft': 'small_doge.sft:run_sft',
-                 'dpo': 'small_doge.dpo:run_dpo', 'reason': 'small_doge.reasoning:run_reasoning'}
-
-def _import_obj(spec: str):
-    module, name = spec.split(':')
-    return getattr(importlib.import_module(module), name)
-
-def _coerce(value, hint, key: str, where: str):
-    "Convert a YAML value to the declared type `hint`, or raise a ConfigError naming `key`."
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args: return None
-        for a in args:
-            if a is type(None): continue
-            try: return _coerce(value, a, key, where)
-            except ConfigError: pass
-        raise ConfigError(f'{where}: {key!r} must be {hint}, got {value!r}')
-    origin = origin or hint
-    ok = None
-    if origin is Any: return value
-    if origin is bool and isinstance(value, bool): ok = value
-    elif origin is int and not isinstance(value, bool):
-        if isinstance(value, int): ok = value
-        elif isinstance(value, (float, str)):
-            try:
-                f = float(value)
-                if f.is_integer(): ok = int(f)
-            except ValueError: pass
-    elif origin is float and not isinstance(value, bool):
-        try: ok = float(value) if isinstance(value, (int, float, str)) else None
-        except ValueError: pass
-    elif origin is str and isinstance(value, str): ok = value
-    elif origin is list and isinstance(value, (list, tuple)): ok = list(value)
-    elif origin is dict and isinstance(value, dict): ok = dict(value)
-    if ok is None: raise ConfigError(f'{where}: {key!r} must be {getattr(origin, "__name__", origin)}, got {value!r}')
-    return ok
-
-def make_recipe(cls, values: dict, where: str = 'recipe'):
-    "Build the recipe dataclass `cls` from `values`: unknown keys and wrong types raise `ConfigError`."
-    if not isinstance(values, dict): raise ConfigError(f'{where}: a recipe must be a mapping of keys to values, got {type(values).__name__}')
-    hints, names = typing.get_type_hints(cls), [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f'{where}: unknown key {key!r} for stage {cls.stage!r}'
-                              + (f' (did you mean {close[0]!r}?)' if close else ''))
-        kwargs[key] = _coerce(value, hints[key], key, where)
-    return cls(**kwargs)
-
-# %% ../nbs/10_pretrain.ipynb #8ed8ae14
-def recipes_dir() -> Path:
-    "Directory of the recipes packaged with small_doge."
-    return Path(str(resources.files('small_doge')/'recipes'))
-
-def list_recipes() -> list[str]:
-    "Names of the packaged recipes."
-    return sorted(p.stem for p in recipes_dir().glob('*.yaml'))
-
-def load_recipe(path_or_name, **overrides) -> Recipe:
-    "Read a recipe YAML file (a path, or a packaged recipe's name) into its stage's dataclass; strict about keys."
-    p = Path(str(path_or_name)).expanduser()
-    if not p.is_file():
-        packaged = recipes_dir()/(p.name if p.suffix in ('.yaml', '.yml') else f'{p.name}.yaml')
-        if p.parent != Path('.') or not packaged.is_file():
-            raise ConfigError(f'recipe not found: {path_or_name} (not a file, nor a packaged recipe: {", ".join(list_recipes())})')
-        p = packaged
-    try: values = yaml.safe_load(p.read_text(encoding='utf-8'))
-    except yaml.YAMLError as e: raise ConfigError(f'{p}: not valid YAML: {e}') from e
-    if not isinstance(values, dict): raise ConfigError(f'{p}: a recipe must be a mapping of keys to values')
-    values = {**values, **overrides}
-    stage = values.get('stage')
-    if stage not in RECIPE_STAGES:
-        raise ConfigError(f'{p}: stage must be one of {sorted(RECIPE_STAGES)}, got {stage!r}')
-    values.setdefault('name', p.stem)
-    return make_recipe(_import_obj(RECIPE_STAGES[stage]), values, where=str(p))
-
-def parse_overrides(items) -> dict:
-    "`['key=value', ...]` (the CLI's `--set`) to a dict, each value read as YAML (`1e-3`, `true`, `[1, 2]`, `null`)."
-    out = {}
-    for item in items or []:
-        k, sep, v = item.partition('=')
-        if not sep or not k.strip(): raise ConfigError(f'override {item!r} is not key=value')
-        try: out[k.strip()] = yaml.safe_load(v) if v.strip() else ''
-        except yaml.YAMLError as e: raise ConfigError(f'override {item!r}: value is not valid YAML: {e}') from e
-    return out
-
-def save_recipe(recipe: Recipe, path) -> Path:
-    "Write `recipe` as YAML (atomically); `load_recipe` reads it back."
-    with atomic_write(path) as f: yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
-    return Path(path)
-
-def as_recipe(recipe, stage: str, **overrides):
-    "`recipe` (a recipe object, a path or a packaged name) with `overrides` applied; it must be for `stage`."
-    if isinstance(recipe, (str, Path)): recipe = load_recipe(recipe, **overrides)
-    elif not dataclasses.is_dataclass(recipe): raise ConfigError(f'expected a recipe, got {type(recipe).__name__}')
-    elif overrides: recipe = make_recipe(type(recipe), {**dataclasses.asdict(recipe), **overrides}, where=recipe.name or stage)
-    if getattr(recipe, 'stage', None) != stage:
-        raise ConfigError(f'recipe {recipe.name!r} is for stage {recipe.stage!r}, not {stage!r}')
-    return recipe
-
-def start_run(recipe: Recipe):
-    "Seed everything with the recipe's seed and apply its CPU thread count; call first in every stage."
-    if recipe.num_threads: torch.set_num_threads(recipe.num_threads)
-    seed_everything(recipe.seed)
-
-def run_recipe(recipe, **kwargs) -> dict:
-    "Run a recipe (object, path or packaged name) with its stage's function; returns that function's result dict."
-    if isinstance(recipe, (str, Path)): recipe = load_recipe(recipe)
-    if getattr(recipe, 'stage', None) not in STAGE_RUNNERS: raise ConfigError(f'no stage runs recipes of stage {getattr(recipe, "stage", None)!r}')
-    return _import_obj(STAGE_RUNNERS[recipe.stage])(recipe, **kwargs)
-
-# %% ../nbs/10_pretrain.ipynb #a1fcb0bf
-def training_arguments(recipe: Recipe, cls=TrainingArguments, **extra):
-    "`cls` (TrainingArguments or a TRL config) from a recipe's shared fields; `extra` adds or overrides."
-    r = recipe
-    kw = dict(output_dir=str(r.run_dir()), seed=r.seed, data_seed=r.seed, learning_rate=r.learning_rate,
-              max_steps=r.max_steps, num_train_epochs=r.num_train_epochs,
-              per_device_train_batch_size=r.per_device_train_batch_size,
-              per_device_eval_batch_size=r.per_device_eval_batch_size,
-              gradient_accumulation_steps=r.gradient_accumulation_steps, weight_decay=r.weight_decay,
-              adam_beta1=r.adam_beta1, adam_beta2=r.adam_beta2, adam_epsilon=r.adam_epsilon,
-              max_grad_norm=r.max_grad_norm, bf16=r.bf16, activation_checkpointing=r.gradient_checkpointing,
-              logging_steps=r.logging_steps, logging_first_step=True,
-              eval_strategy='steps' if r.eval_steps else 'no', eval_steps=r.eval_steps,
-              save_strategy='steps' if r.save_steps else 'no', save_steps=r.save_steps or 500,
-              save_total_limit=r.save_total_limit, report_to=[] if r.report_to in ('none', '') else r.report_to,
-              dataloader_num_workers=r.dataloader_num_workers, dataloader_pin_memory=torch.cuda.is_available(),
-              use_cpu=not torch.cuda.is_available(),   # also makes torchrun on CPU use gloo DDP (MULTI_CPU)
-              disable_tqdm=r.disable_tqdm, optim='adamw_torch')
-    kw.update(extra)
-    return cls(**kw)
-
-def quiet(trainer, recipe: Recipe):
-    "Drop the trainer's printed log lines when the recipe turns progress bars off; returns the trainer."
-    from transformers.trainer_callback import PrinterCallback
-    if recipe.disable_tqdm: trainer.remove_callback(PrinterCallback)
-    return trainer
-
-# %% ../nbs/10_pretrain.ipynb #567a625f
-_CKPT_RE = re.compile(rf'^{PREFIX_CHECKPOINT_DIR}-(\d+)$')
-CHECKPOINT_FILES = ('trainer_state.json', 'config.json')   # written last / first: both present = complete
-
-def list_checkpoints(output_dir) -> list[Path]:
-    "Complete checkpoints (`checkpoint-N` with a trainer state) in `output_dir`, oldest first."
-    d = Path(output_dir)
-    if not d.is_dir(): return []
-    cks = [p for p in d.iterdir() if p.is_dir() and _CKPT_RE.match(p.name) and all((p/f).is_file() for f in CHECKPOINT_FILES)]
-    return sorted(cks, key=lambda p: int(_CKPT_RE.match(p.name).group(1)))
-
-def last_checkpoint(output_dir) -> Path | None:
-    "The newest complete checkpoint in `output_dir`, or None."
-    cks = list_checkpoints(output_dir)
-    return cks[-1] if cks else None
-
-class AtomicCheckpointMixin:
-    "Trainer mixin: each checkpoint is written under a hidden staging name, then renamed into place."
-    _staging_dir = None
-
-    def _get_output_dir(self, trial):
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}'
-        staging = run_dir/f'.staging-{name}'
-        if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = str(staging)
-        try: super()._save_checkpoint(model, trial)
-        except OSError as e:
-            if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)
-            prev = last_checkpoint(run_dir)
-            raise CheckpointError(f'could not write {name} in {run_dir}: {e}; ' + (
-                f'the previous checkpoint {prev.name} is intact' if prev else 'there is no earlier checkpoint')) from e
-        finally: self._staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = run_dir/name
-            if final.exists(): shutil.rmtree(final)
-            os.replace(staging/name, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
 
 # %% ../nbs/10_pretrain.ipynb #6785c5c2
 class WSDTrainer(AtomicCheckpointMixin, Trainer):
@@ -383,116 +150,49 @@ def pack_stream(ds, tokenizer, block_size: int, batch_size: int = 1000):
     return ds.map(_pack_batch, batched=True, batch_size=batch_size, remove_columns=list(ds.column_names or ['text']),
                   fn_kwargs=dict(tokenizer=tokenizer, block_size=block_size))
 
-# %% ../nbs/10_pretrain.ipynb #828b8405
-ARCH_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
-               'num_key_value_heads', 'is_moe', 'num_experts', 'num_experts_per_tok', 'tie_word_embeddings')
-
-def resolve_resume(recipe: Recipe) -> str | None:
-    "The checkpoint to resume from: None, the last complete one in the run directory (`True`), or a given path."
-    r = recipe.resume_from_checkpoint
-    if r in (None, False, ''): return None
-    if r is True or r == 'last':
-        ck = last_checkpoint(recipe.run_dir())
-        return str(ck) if ck else None
-    p = Path(r).expanduser()
-    if not p.is_dir(): raise CheckpointError(f'checkpoint to resume from not found: {p}')
-    if not all((p/f).is_file() for f in CHECKPOINT_FILES):
-        raise CheckpointError(f'{p} is not a complete checkpoint (needs {", ".join(CHECKPOINT_FILES)})')
-    return str(p)
-
-def check_checkpoint_fits(checkpoint, config) -> None:
-    "Raise `CheckpointError` if the checkpoint's config.json describes another architecture than `config`."
-    from small_doge.doge import DOGE_MODEL_TYPES
-    cfg_file = Path(checkpoint)/'config.json'
-    try: saved = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e: raise CheckpointError(f'cannot read {cfg_file}: {e}') from e
-    if saved.get('model_type') not in DOGE_MODEL_TYPES:
-        raise CheckpointError(f'{checkpoint} holds a {saved.get("model_type")!r} model, not Doge')
-    for k in ARCH_FIELDS:
-        if k in saved and saved[k] != getattr(config, k, None) and not (k.startswith('num_experts') and not config.is_moe):
-            raise CheckpointError(f'{checkpoint} is from another architecture: {k}={saved[k]!r} there, '
-                                  f'{getattr(config, k, None)!r} in this recipe')
-
 # %% ../nbs/10_pretrain.ipynb #b67950e3
-def _world_size() -> int: return int(os.environ.get('WORLD_SIZE', '1'))
-
-def _save_final(trainer, tokenizer, model_dir: Path):
-    "Save model + tokenizer under a staging name, then rename into place (main process), like checkpoints."
-    staging = model_dir.with_name(f'.staging-{model_dir.name}')
-    if trainer.is_world_process_zero(): shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        (staging/'training_args.bin').unlink(missing_ok=True)   # a pickle; recipe.yaml beside the model says how it was trained
-        if tokenizer is not None: tokenizer.save_pretrained(str(staging))
-        old = model_dir.with_name(f'.old-{model_dir.name}')
-        if model_dir.exists(): os.replace(model_dir, old)
-        os.replace(staging, model_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-
-def eval_history(log_history, key: str = 'eval_loss') -> list[tuple[int, float]]:
-    "(step, value) pairs of `key` from a trainer's log history, one per step (the last logged)."
-    return list({h['step']: (h['step'], h[key]) for h in log_history if key in h}.values())
-
-def write_results(recipe: Recipe, result: dict, is_main: bool = True) -> dict:
-    "Write `results.json` and `recipe.yaml` into the run directory (main process only); return `result`."
-    if is_main:
-        out = recipe.run_dir()
-        with atomic_write(out/'results.json') as f: json.dump(result, f, indent=1, default=str)
-        save_recipe(recipe, out/'recipe.yaml')
-    return result
-
 def pretrain(recipe: PretrainRecipe | str | Path, callbacks: list | None = None, **overrides) -> dict:
     "Pretrain a Doge model from a recipe; returns val_loss, log_history, output_dir, model_dir and timings."
     recipe = as_recipe(recipe, 'pretrain', **overrides)
     if isinstance(recipe.data, str) and recipe.data.startswith('hub:') and recipe.max_steps <= 0:
         raise ConfigError('streamed (hub:) data needs max_steps > 0')
-    t0 = time.time()
-    start_run(recipe)
-    out = recipe.run_dir()
-    resume = resolve_resume(recipe)
-    corpus = pretrain_corpus(recipe)
-    streamed = not hasattr(corpus['train'], '__len__')
-    tokenizer = pretrain_tokenizer(recipe, None if streamed else corpus['train']['text'])
-    if streamed:
-        from datasets import Dataset
-        train = pack_stream(corpus['train'], tokenizer, recipe.block_size)
-        val = Dataset.from_list(list(pack_stream(corpus['validation'], tokenizer, recipe.block_size)))
-    else:
-        from small_doge.data import pack_dataset
-        train = pack_dataset(corpus['train'], tokenizer, recipe.block_size)
-        val = pack_dataset(corpus['validation'], tokenizer, recipe.block_size)
-    from small_doge.data import first_rows
-    val = first_rows(val, recipe.max_val_blocks)
-    t_data = time.time() - t0
-    model = build_model(recipe, tokenizer)
-    if resume: check_checkpoint_fits(resume, model.config)
-    accum = recipe.gradient_accumulation_steps
-    if recipe.tokens_per_step:
-        accum = max(1, round(recipe.tokens_per_step / (recipe.block_size * recipe.per_device_train_batch_size * _world_size())))
-    args = training_arguments(recipe, gradient_accumulation_steps=accum)
-    trainer = WSDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collate_blocks,
-                         processing_class=tokenizer, callbacks=callbacks,
-                         wsd=dict(warmup_ratio=recipe.warmup_ratio, decay_ratio=recipe.decay_ratio,
-                                  min_lr_ratio=recipe.min_lr_ratio, decay=recipe.decay,
-                                  warmup_steps=recipe.warmup_steps, decay_steps=recipe.decay_steps))
-    quiet(trainer, recipe)
-    t1 = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    t_train = time.time() - t1
-    metrics = trainer.evaluate()
-    _save_final(trainer, tokenizer, out/'model')
-    tokens_per_step = recipe.block_size * recipe.per_device_train_batch_size * accum * _world_size()
-    result = dict(stage='pretrain', name=recipe.name, output_dir=str(out), model_dir=str(out/'model'),
-                  val_loss=metrics['eval_loss'], val_ppl=math.exp(min(metrics['eval_loss'], 50)),
-                  ln_vocab=math.log(len(tokenizer)), val_history=eval_history(trainer.state.log_history),
-                  train_loss=train_out.training_loss, steps=trainer.state.global_step,
-                  tokens_per_step=tokens_per_step, tokens_seen=tokens_per_step * trainer.state.global_step,
-                  num_params=sum(p.numel() for p in model.parameters()), vocab_size=len(tokenizer),
-                  resumed_from=resume, data_seconds=round(t_data, 1), train_seconds=round(t_train, 1),
-                  seconds=round(time.time() - t0, 1), log_history=trainer.state.log_history)
-    return write_results(recipe, result, trainer.is_world_process_zero())
+    with begin_stage(recipe) as st:
+        corpus = pretrain_corpus(recipe)
+        streamed = not hasattr(corpus['train'], '__len__')
+        tokenizer = pretrain_tokenizer(recipe, None if streamed else corpus['train']['text'])
+        if streamed:
+            from datasets import Dataset
+            train = pack_stream(corpus['train'], tokenizer, recipe.block_size)
+            val = Dataset.from_list(list(pack_stream(corpus['validation'], tokenizer, recipe.block_size)))
+        else:
+            from small_doge.data import pack_dataset
+            train = pack_dataset(corpus['train'], tokenizer, recipe.block_size)
+            val = pack_dataset(corpus['validation'], tokenizer, recipe.block_size)
+        from small_doge.data import first_rows
+        val = first_rows(val, recipe.max_val_blocks)
+        t_data = time.time() - st.t0
+        model = build_model(recipe, tokenizer)
+        if st.resume: check_checkpoint_fits(st.resume, model.config)
+        accum = recipe.gradient_accumulation_steps
+        if recipe.tokens_per_step:
+            accum = max(1, round(recipe.tokens_per_step / (recipe.block_size * recipe.per_device_train_batch_size * world_size())))
+        args = training_arguments(recipe, gradient_accumulation_steps=accum)
+        trainer = st.trainer(WSDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=collate_blocks,
+                                        processing_class=tokenizer, callbacks=callbacks,
+                                        wsd=dict(warmup_ratio=recipe.warmup_ratio, decay_ratio=recipe.decay_ratio,
+                                                 min_lr_ratio=recipe.min_lr_ratio, decay=recipe.decay,
+                                                 warmup_steps=recipe.warmup_steps, decay_steps=recipe.decay_steps)))
+        t1 = time.time()
+        train_out = st.train(trainer)
+        t_train = time.time() - t1
+        metrics = trainer.evaluate()
+        tokens_per_step = recipe.block_size * recipe.per_device_train_batch_size * accum * world_size()
+        return st.finish(trainer, tokenizer, dict(
+            val_loss=metrics['eval_loss'], val_ppl=math.exp(min(metrics['eval_loss'], 50)), ln_vocab=math.log(len(tokenizer)),
+            val_history=eval_history(trainer.state.log_history), train_loss=train_out.training_loss,
+            steps=trainer.state.global_step, tokens_per_step=tokens_per_step, tokens_seen=tokens_per_step * trainer.state.global_step,
+            num_params=sum(p.numel() for p in model.parameters()), vocab_size=len(tokenizer),
+            data_seconds=round(t_data, 1), train_seconds=round(t_train, 1), log_history=trainer.state.log_history))
 
 # %% ../nbs/10_pretrain.ipynb #f4589f2e
 def plot_history(log_history, ax=None, keys=('loss', 'eval_loss'), lr: bool = True, title: str | None = None):

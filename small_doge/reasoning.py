@@ -12,14 +12,13 @@ from typing import Sequence
 import numpy as np, torch
 
 from .core import ConfigError, DataError, in_test, seed_everything
-from .pretrain import AtomicCheckpointMixin, Recipe, as_recipe, eval_history, quiet, resolve_resume, \
-    start_run, training_arguments, write_results
+from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, quiet, training_arguments
 from .dpo import frozen_copy
 from .sft import generate_replies, load_model_and_tokenizer, router_aux_loss_coef
 
 # %% auto #0
-__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'run_trace_sft', 'accuracy_check_reward',
-           'run_grpo', 'paired_change', 'run_reasoning']
+__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'run_trace_sft', 'grpo_trainer_class',
+           'accuracy_check_reward', 'run_grpo', 'paired_change', 'run_reasoning']
 
 # %% ../nbs/13_reasoning.ipynb #42bd4e27
 def checker_accuracy(model, tokenizer, dataset, max_new_tokens: int = 128, batch_size: int = 32, n_samples: int = 3,
@@ -103,20 +102,21 @@ def heldout_accuracy(model, tokenizer, test, recipe: ReasonRecipe) -> dict:
 def run_trace_sft(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
     "Step 1: SFT on the traces (`messages`), assistant tokens only; returns the trainer (model trained in place)."
     from trl import SFTConfig
-    from small_doge.sft import _sft_trainer_cls
+    from small_doge.sft import sft_trainer_class
     r = recipe
     args = training_arguments(r, cls=SFTConfig, output_dir=str(r.run_dir()/'trace-sft'), learning_rate=r.sft_learning_rate,
                               num_train_epochs=r.sft_epochs, max_steps=r.sft_max_steps, per_device_train_batch_size=r.sft_batch_size,
                               max_length=r.sft_max_length, assistant_only_loss=True, lr_scheduler_type='cosine_with_min_lr',
                               lr_scheduler_kwargs={'min_lr_rate': 0.1}, warmup_steps=r.warmup_ratio, eval_strategy='no',
                               save_strategy='no', router_aux_loss_coef=router_aux_loss_coef(model.config), dataset_num_proc=None)
-    trainer = _sft_trainer_cls()(model=model, args=args, train_dataset=dsd['train'].select_columns(['messages']),
-                                 processing_class=tokenizer, callbacks=callbacks)
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=dsd['train'].select_columns(['messages']),
+                                  processing_class=tokenizer, callbacks=callbacks)
     quiet(trainer, r).train()
     return trainer
 
 # %% ../nbs/13_reasoning.ipynb #96e553fc
-def _grpo_trainer_cls():
+def grpo_trainer_class():
+    "TRL's `GRPOTrainer` with atomic checkpoints and a frozen-copy KL reference (built on first use)."
     from trl import GRPOTrainer
     from trl.models import prepare_deepspeed, prepare_fsdp
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
@@ -146,8 +146,9 @@ def accuracy_check_reward(name: str):
     if name not in checks: raise ConfigError(f"accuracy_check must be one of {sorted(checks)}, got {name!r}")
     return checks[name]
 
-def run_grpo(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
-    "Step 2: GRPO on the prompts, rewarded by the checker (`accuracy_reward` or `trace_reward`) and `format_reward`; returns the trainer."
+def run_grpo(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None, stage=None):
+    """Step 2: GRPO on the prompts, rewarded by the checker (`accuracy_reward` or `trace_reward`) and `format_reward`;
+    returns the trainer. Within `run_reasoning` its `stage` (lesson 18) resumes GRPO from `<run>/grpo`'s checkpoints."""
     from trl import GRPOConfig
     from small_doge.data import format_reward
     r = recipe
@@ -161,10 +162,11 @@ def run_grpo(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
                               loss_type=r.loss_type, scale_rewards=r.scale_rewards, reward_weights=list(r.reward_weights),
                               lr_scheduler_type=r.lr_scheduler_type, warmup_steps=r.warmup_ratio, eval_strategy='no',
                               router_aux_loss_coef=router_aux_loss_coef(model.config), log_completions=False)
-    trainer = _grpo_trainer_cls()(model=model, reward_funcs=[check, format_reward], args=args,
+    trainer = grpo_trainer_class()(model=model, reward_funcs=[check, format_reward], args=args,
                                   train_dataset=dsd['train'].select_columns(['prompt', 'answer', 'trace']),
                                   processing_class=tokenizer, callbacks=callbacks)
-    quiet(trainer, r).train(resume_from_checkpoint=resolve_resume(dataclasses.replace(r, output_dir=args.output_dir)))
+    if stage is None: quiet(trainer, r).train()
+    else: stage.train(stage.trainer(trainer))
     return trainer
 
 # %% ../nbs/13_reasoning.ipynb #f05ba0e9
@@ -183,37 +185,32 @@ def _mean_reward(log_history, first: bool, n: int = 5) -> float | None:
 
 def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = None, **overrides) -> dict:
     "Trace SFT then GRPO; returns held-out checker accuracy, greedy and sampled (start, after SFT, after GRPO), rewards, paths, timings."
-    from small_doge.pretrain import _save_final
     recipe = as_recipe(recipe, 'reason', **overrides)
     if recipe.eval_samples < 1: raise ConfigError(f'eval_samples must be at least 1, got {recipe.eval_samples}')
     accuracy_check_reward(recipe.accuracy_check)      # a bad name fails now, not after trace SFT
-    t0 = time.time()
-    start_run(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
-    dsd = reasoning_datasets(recipe, tokenizer)
-    from small_doge.data import first_rows
-    test = first_rows(dsd['test'], recipe.max_eval_examples)
-    measure = lambda m: heldout_accuracy(m, tokenizer, test, recipe)
-    start = measure(model)
-    t1 = time.time()
-    sft_logs = [] if recipe.skip_sft else run_trace_sft(recipe, model, tokenizer, dsd, callbacks).state.log_history
-    after_sft = start if recipe.skip_sft else measure(model)
-    t2 = time.time()
-    trainer = run_grpo(recipe, model, tokenizer, dsd, callbacks)
-    t3 = time.time()
-    after_grpo = measure(trainer.model)
-    gain, gain_se = paired_change(after_sft['sampled_per_problem'], after_grpo['sampled_per_problem'])
-    out = recipe.run_dir()
-    _save_final(trainer, tokenizer, out/'model')
-    result = dict(stage='reason', name=recipe.name, output_dir=str(out), model_dir=str(out/'model'), start_model=recipe.model_path,
-                  accuracy_start=start['accuracy'], accuracy_after_sft=after_sft['accuracy'], accuracy_after_grpo=after_grpo['accuracy'],
-                  sampled_accuracy_start=start['sampled_accuracy'], sampled_accuracy_after_sft=after_sft['sampled_accuracy'],
-                  sampled_accuracy_after_grpo=after_grpo['sampled_accuracy'], eval_samples=recipe.eval_samples,
-                  grpo_sampled_gain=gain, grpo_sampled_gain_se=gain_se,
-                  format_rate_start=start['format_rate'], format_rate_after_sft=after_sft['format_rate'],
-                  format_rate_after_grpo=after_grpo['format_rate'],
-                  reward_first=_mean_reward(trainer.state.log_history, True), reward_last=_mean_reward(trainer.state.log_history, False),
-                  samples_after_sft=after_sft['samples'], samples_after_grpo=after_grpo['samples'], heldout_problems=len(test),
-                  grpo_steps=trainer.state.global_step, sft_seconds=round(t2 - t1, 1), grpo_seconds=round(t3 - t2, 1),
-                  seconds=round(time.time() - t0, 1), sft_log_history=sft_logs, log_history=trainer.state.log_history)
-    return write_results(recipe, result, trainer.is_world_process_zero())
+    with begin_stage(recipe, checkpoint_dir=recipe.run_dir()/'grpo') as st:
+        model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
+        dsd = reasoning_datasets(recipe, tokenizer)
+        from small_doge.data import first_rows
+        test = first_rows(dsd['test'], recipe.max_eval_examples)
+        measure = lambda m: heldout_accuracy(m, tokenizer, test, recipe)
+        start = measure(model)
+        t1 = time.time()
+        sft_logs = [] if recipe.skip_sft else run_trace_sft(recipe, model, tokenizer, dsd, callbacks).state.log_history
+        after_sft = start if recipe.skip_sft else measure(model)
+        t2 = time.time()
+        trainer = run_grpo(recipe, model, tokenizer, dsd, callbacks, stage=st)
+        t3 = time.time()
+        after_grpo = measure(trainer.model)
+        gain, gain_se = paired_change(after_sft['sampled_per_problem'], after_grpo['sampled_per_problem'])
+        return st.finish(trainer, tokenizer, dict(start_model=recipe.model_path,
+            accuracy_start=start['accuracy'], accuracy_after_sft=after_sft['accuracy'], accuracy_after_grpo=after_grpo['accuracy'],
+            sampled_accuracy_start=start['sampled_accuracy'], sampled_accuracy_after_sft=after_sft['sampled_accuracy'],
+            sampled_accuracy_after_grpo=after_grpo['sampled_accuracy'], eval_samples=recipe.eval_samples,
+            grpo_sampled_gain=gain, grpo_sampled_gain_se=gain_se,
+            format_rate_start=start['format_rate'], format_rate_after_sft=after_sft['format_rate'],
+            format_rate_after_grpo=after_grpo['format_rate'],
+            reward_first=_mean_reward(trainer.state.log_history, True), reward_last=_mean_reward(trainer.state.log_history, False),
+            samples_after_sft=after_sft['samples'], samples_after_grpo=after_grpo['samples'], heldout_problems=len(test),
+            grpo_steps=trainer.state.global_step, sft_seconds=round(t2 - t1, 1), grpo_seconds=round(t3 - t2, 1),
+            sft_log_history=sft_logs, log_history=trainer.state.log_history))

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from .core import CheckpointError, ConfigError, DataError, doge_home, in_test, seed_everything
-from .pretrain import (AtomicCheckpointMixin, Recipe, as_recipe, eval_history, quiet, resolve_resume,
-                                 start_run, training_arguments, write_results)
+from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, eval_history, training_arguments
 
 # %% auto #0
 __all__ = ['resolve_model_path', 'load_model_and_tokenizer', 'answer_loss', 'generate_replies', 'stop_rate',
-           'router_aux_loss_coef', 'SFTRecipe', 'load_examples', 'sft_datasets', 'held_out_metrics', 'run_sft']
+           'router_aux_loss_coef', 'SFTRecipe', 'load_examples', 'sft_datasets', 'sft_trainer_class',
+           'held_out_metrics', 'run_sft']
 
 # %% ../nbs/11_sft.ipynb #3c13cfc6
 def resolve_model_path(spec: str | Path) -> str:
@@ -162,7 +162,8 @@ def sft_datasets(recipe: SFTRecipe):
     return datasets.DatasetDict({k: v.select_columns(['messages']) for k, v in dsd.items()})
 
 # %% ../nbs/11_sft.ipynb #442e0a33
-def _sft_trainer_cls():
+def sft_trainer_class():
+    "TRL's `SFTTrainer` with atomic checkpoints (built on first use, so importing this module does not import TRL)."
     from trl import SFTTrainer
     class DogeSFTTrainer(AtomicCheckpointMixin, SFTTrainer):
         "TRL's SFTTrainer with atomic checkpoints."
@@ -179,36 +180,28 @@ def held_out_metrics(model, tokenizer, conversations, max_new_tokens: int = 64, 
 def run_sft(recipe: SFTRecipe | str | Path, callbacks: list | None = None, **overrides) -> dict:
     "Fine-tune a model on conversations; returns held-out answer loss and stop rate before/after, paths and timings."
     from trl import SFTConfig
-    from small_doge.pretrain import _save_final
     recipe = as_recipe(recipe, 'sft', **overrides)
-    t0 = time.time()
-    start_run(recipe)
-    resume = resolve_resume(recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
-    dsd = sft_datasets(recipe)
-    from small_doge.data import first_rows
-    heldout = first_rows(dsd['test'], recipe.max_eval_examples)
-    before = held_out_metrics(model, tokenizer, heldout['messages'], recipe.max_new_tokens)
-    args = training_arguments(recipe, cls=SFTConfig, max_length=recipe.max_length, packing=recipe.packing,
-                              assistant_only_loss=recipe.assistant_only_loss, lr_scheduler_type=recipe.lr_scheduler_type,
-                              lr_scheduler_kwargs={'min_lr_rate': recipe.min_lr_rate} if recipe.lr_scheduler_type == 'cosine_with_min_lr' else {},
-                              warmup_steps=recipe.warmup_ratio, router_aux_loss_coef=router_aux_loss_coef(model.config),
-                              dataset_num_proc=None)
-    trainer = _sft_trainer_cls()(model=model, args=args, train_dataset=dsd['train'], eval_dataset=heldout,
-                                 processing_class=tokenizer, callbacks=callbacks)
-    quiet(trainer, recipe)
-    t1 = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    t_train = time.time() - t1
-    after = held_out_metrics(trainer.model, tokenizer, heldout['messages'], recipe.max_new_tokens)
-    out = recipe.run_dir()
-    _save_final(trainer, tokenizer, out/'model')
-    result = dict(stage='sft', name=recipe.name, output_dir=str(out), model_dir=str(out/'model'), base_model=recipe.model_path,
-                  answer_loss_before=before['answer_loss'], answer_loss_after=after['answer_loss'],
-                  stop_rate_before=before['stop_rate'], stop_rate_after=after['stop_rate'],
-                  samples_before=before['samples'], samples_after=after['samples'],
-                  eval_history=eval_history(trainer.state.log_history), train_loss=train_out.training_loss,
-                  steps=trainer.state.global_step, train_examples=len(dsd['train']), heldout_examples=len(heldout),
-                  resumed_from=resume, train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1),
-                  log_history=trainer.state.log_history)
-    return write_results(recipe, result, trainer.is_world_process_zero())
+    with begin_stage(recipe) as st:
+        model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
+        dsd = sft_datasets(recipe)
+        from small_doge.data import first_rows
+        heldout = first_rows(dsd['test'], recipe.max_eval_examples)
+        before = held_out_metrics(model, tokenizer, heldout['messages'], recipe.max_new_tokens)
+        args = training_arguments(recipe, cls=SFTConfig, max_length=recipe.max_length, packing=recipe.packing,
+                                  assistant_only_loss=recipe.assistant_only_loss, lr_scheduler_type=recipe.lr_scheduler_type,
+                                  lr_scheduler_kwargs={'min_lr_rate': recipe.min_lr_rate} if recipe.lr_scheduler_type == 'cosine_with_min_lr' else {},
+                                  warmup_steps=recipe.warmup_ratio, router_aux_loss_coef=router_aux_loss_coef(model.config),
+                                  dataset_num_proc=None)
+        trainer = st.trainer(sft_trainer_class()(model=model, args=args, train_dataset=dsd['train'], eval_dataset=heldout,
+                                                 processing_class=tokenizer, callbacks=callbacks))
+        t1 = time.time()
+        train_out = st.train(trainer)
+        t_train = time.time() - t1
+        after = held_out_metrics(trainer.model, tokenizer, heldout['messages'], recipe.max_new_tokens)
+        return st.finish(trainer, tokenizer, dict(
+            base_model=recipe.model_path, answer_loss_before=before['answer_loss'], answer_loss_after=after['answer_loss'],
+            stop_rate_before=before['stop_rate'], stop_rate_after=after['stop_rate'],
+            samples_before=before['samples'], samples_after=after['samples'],
+            eval_history=eval_history(trainer.state.log_history), train_loss=train_out.training_loss,
+            steps=trainer.state.global_step, train_examples=len(dsd['train']), heldout_examples=len(heldout),
+            train_seconds=round(t_train, 1), log_history=trainer.state.log_history))

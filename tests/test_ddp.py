@@ -11,7 +11,8 @@ SCRIPT = r'''
 import json, os, sys, torch
 torch.set_num_threads(1)
 from pathlib import Path
-from small_doge.pretrain import load_recipe, pretrain
+from small_doge.pretrain import pretrain
+from small_doge.runs import load_recipe
 recipe_path, out, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
 res = pretrain(load_recipe(recipe_path, output_dir=out, per_device_train_batch_size=per_device))
 if int(os.environ.get('RANK', '0')) == 0:

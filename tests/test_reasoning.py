@@ -8,7 +8,7 @@ import torch
 from small_doge.core import CheckpointError, ConfigError, DataError, seed_everything
 from small_doge.data import format_trace, arithmetic_trace, reasoning_dataset
 from small_doge.doge import DogeConfig, DogeForCausalLM
-from small_doge.pretrain import load_recipe
+from small_doge.runs import load_recipe
 from small_doge.reasoning import ReasonRecipe, checker_accuracy, reasoning_datasets, run_grpo, run_reasoning
 from small_doge.sft import load_model_and_tokenizer
 from small_doge.tokenizer import train_tokenizer

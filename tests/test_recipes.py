@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from small_doge.core import CheckpointError, ConfigError, DataError
-from small_doge.pretrain import (PretrainRecipe, list_checkpoints, list_recipes, load_recipe, make_recipe, pretrain,
-                                 recipes_dir, run_recipe, save_recipe)
+from small_doge.pretrain import PretrainRecipe, pretrain
+from small_doge.runs import list_checkpoints, list_recipes, load_recipe, make_recipe, recipes_dir, run_recipe, save_recipe
 
 STAGES = ('pretrain', 'sft', 'dpo', 'reason')
 
@@ -143,7 +143,7 @@ def test_trl_moe_model_keeps_aux_loss(tmp_path, tok):
 
 
 def test_cli_style_overrides():
-    from small_doge.pretrain import parse_overrides
+    from small_doge.runs import parse_overrides
     ov = parse_overrides(['learning_rate=1e-3', 'bf16=false', 'save_steps=null', 'model_overrides={num_hidden_layers: 2}'])
     r = load_recipe('pretrain-tiny-cpu', **ov)
     assert (r.learning_rate, r.bf16, r.save_steps, r.model_overrides) == (1e-3, False, None, {'num_hidden_layers': 2})

@@ -9,14 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 from small_doge.core import CheckpointError, DataError
-from small_doge.pretrain import last_checkpoint, list_checkpoints, load_recipe, pretrain
+from small_doge.pretrain import pretrain
+from small_doge.runs import last_checkpoint, list_checkpoints, load_recipe
 
 SCRIPT = r'''
 import json, sys, time, torch
 torch.set_num_threads(1)
 from pathlib import Path
 from transformers import TrainerCallback
-from small_doge.pretrain import load_recipe, pretrain
+from small_doge.pretrain import pretrain
+from small_doge.runs import load_recipe
 recipe_path, out, mode = sys.argv[1:4]
 
 class PauseAfterSave(TrainerCallback):
