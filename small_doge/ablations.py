@@ -4,23 +4,24 @@
 
 # %% ../nbs/17_ablations.ipynb #4fe2a27c
 from __future__ import annotations
-import multiprocessing, os, time
+import hashlib, json, math, multiprocessing, os, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import ConfigError
+from .core import ConfigError, DataError, atomic_write
 from .attention import dynamic_bias, dynamic_mask
 from .data import ByteTokenizer, mqar_dataset, pack_dataset, pystdlib_corpus
 from .doge import DogeConfig, DogeForCausalLM
-from .evaluate import perplexity
 from .pretrain import wsd_schedule
 
 # %% auto #0
 __all__ = ['ABLATION_MODELS', 'ABLATION_DIMS', 'MQAR_PAIRS', 'MQAR_LENGTHS', 'ABLATION_JOBS', 'ablation_model', 'mqar_task',
-           'mqar_accuracy', 'train_lm', 'kept_keys', 'answer_kept', 'mqar_job', 'ppl_job', 'run_job', 'run_grid']
+           'mqar_accuracy', 'train_lm', 'kept_keys', 'answer_kept', 'mqar_job', 'heldout_blocks', 'block_perplexity',
+           'ppl_job', 'run_job', 'job_file', 'run_grid']
 
 # %% ../nbs/17_ablations.ipynb #71d4d92e
 ABLATION_MODELS = ('dmattn', 'window', 'full', 'llama')
@@ -110,10 +111,10 @@ def answer_kept(model, input_ids, labels, num_kv_pairs: int) -> dict:
     return dict(last=hit[-1].float().mean().item(), any=hit.any(0).float().mean().item())
 
 # %% ../nbs/17_ablations.ipynb #3f5fad3a
-MQAR_PAIRS, MQAR_LENGTHS = (4, 8, 16), (64, 128, 256)
+MQAR_PAIRS, MQAR_LENGTHS = (4, 8), (64, 128, 256)
 
-def mqar_job(kind: str, seed: int, window: int = 32, pairs=MQAR_PAIRS, lengths=MQAR_LENGTHS, steps: int = 800,
-             tokens_per_step: int = 2048, n_test: int = 256, vocab_size: int = 128, n_filler: int = 64,
+def mqar_job(kind: str, seed: int, window: int = 32, pairs=MQAR_PAIRS, lengths=MQAR_LENGTHS, steps: int = 200,
+             tokens_per_step: int = 1024, n_test: int = 96, vocab_size: int = 128, n_filler: int = 64,
              lr: float = 3e-3, keep_weights: bool = False) -> dict:
     "Train one model on the mixture of (pairs, length) cells; accuracy (and, for Doge, answer_kept) per cell."
     cells = [(p, s) for p in pairs for s in lengths if 4 * p <= s]
@@ -135,9 +136,29 @@ def mqar_job(kind: str, seed: int, window: int = 32, pairs=MQAR_PAIRS, lengths=M
     if keep_weights: out['state_dict'] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
+# %% ../nbs/17_ablations.ipynb #c9799eb1
+def heldout_blocks(ds, tokenizer, block_size: int, n_tokens: int) -> torch.Tensor:
+    "The first `n_tokens` tokens of `ds` (packed with EOS between documents) as [n_tokens // block_size, block_size] blocks."
+    blocks = np.asarray(pack_dataset(ds, tokenizer, block_size)['input_ids'][:n_tokens // block_size])
+    if len(blocks) < n_tokens // block_size: raise DataError(f'held-out text has fewer than {n_tokens} tokens')
+    return torch.as_tensor(blocks, dtype=torch.long)
+
+@torch.no_grad()
+def block_perplexity(model, blocks: torch.Tensor, batch_size: int = 64) -> dict:
+    "Perplexity over equal-length `blocks` [n, c]: every token but each block's first, predicted within its block."
+    was_training, nll = model.training, 0.0
+    model.eval()
+    for i in range(0, len(blocks), batch_size):
+        logits = model(input_ids=blocks[i:i + batch_size], use_cache=False).logits[:, :-1].double()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[i:i + batch_size, 1:].flatten(), reduction='sum').item()
+    model.train(was_training)
+    n = blocks[:, 1:].numel()
+    return dict(loss=nll / n, ppl=math.exp(nll / n), tokens=n)
+
+
 # %% ../nbs/17_ablations.ipynb #e5652453
-def ppl_job(kind: str, seed: int, window: int = 32, seq_len: int = 256, contexts=(32, 64, 128, 256), steps: int = 400,
-            batch_size: int = 8, eval_tokens: int = 65536, max_chars: int = 4_000_000, lr: float = 3e-3) -> dict:
+def ppl_job(kind: str, seed: int, window: int = 32, seq_len: int = 128, contexts=(32, 64, 128), steps: int = 120,
+            batch_size: int = 8, eval_tokens: int = 32768, max_chars: int = 4_000_000, lr: float = 3e-3) -> dict:
     "Train a byte-level LM on pystdlib blocks of `seq_len`; held-out perplexity of the same bytes at each context length."
     tok = ByteTokenizer()
     corpus = pystdlib_corpus(max_chars=max_chars)
@@ -146,9 +167,7 @@ def ppl_job(kind: str, seed: int, window: int = 32, seq_len: int = 256, contexts
     idx = order.repeat(-(-steps * batch_size // len(blocks)))[:steps * batch_size].view(steps, batch_size)
     model = ablation_model(kind, tok.vocab_size, seq_len, window, seed)
     losses = train_lm(model, [(blocks[i], blocks[i]) for i in idx], lr=lr)
-    valid = list(corpus['validation']['text'])
-    ppl = {c: perplexity(model, tok, valid, block_size=c, batch_size=64, max_blocks=eval_tokens // c, progress=False)
-           for c in contexts}
+    ppl = {c: block_perplexity(model, heldout_blocks(corpus['validation'], tok, c, eval_tokens)) for c in contexts}
     return dict(ppl={c: r['ppl'] for c, r in ppl.items()}, eval_tokens={c: r['tokens'] for c, r in ppl.items()},
                 losses=losses)
 
@@ -162,12 +181,29 @@ def run_job(job: dict) -> dict:
     out = ABLATION_JOBS[job['task']](**{k: v for k, v in job.items() if k != 'task'})
     return dict(job, **out, wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c)
 
-def run_grid(jobs, workers: int = 2, progress: bool = True) -> list[dict]:
-    "Run `jobs` with `workers` single-threaded processes at a time (fresh 'spawn' processes); results in job order."
-    if workers <= 1: return [run_job(j) for j in tqdm(jobs, disable=not progress)]
+def job_file(resume_dir, job: dict) -> Path:
+    "Where `run_grid` keeps the result of `job`: a name derived from its settings."
+    return Path(resume_dir) / (hashlib.sha1(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16] + '.pt')
+
+
+# %% ../nbs/17_ablations.ipynb #317d86ca
+def run_grid(jobs, workers: int = 2, progress: bool = True, resume_dir=None) -> list[dict]:
+    "Run `jobs` with `workers` single-threaded processes (fresh 'spawn' processes); results in job order."
+    out = [None] * len(jobs)
+    if resume_dir is not None:
+        for i, j in enumerate(jobs):
+            if job_file(resume_dir, j).exists(): out[i] = torch.load(job_file(resume_dir, j), weights_only=True)
+    todo = [i for i, r in enumerate(out) if r is None]
+    def done(i, r):
+        out[i] = r
+        if resume_dir is not None:
+            with atomic_write(job_file(resume_dir, jobs[i]), 'wb') as f: torch.save(r, f)
+    if workers <= 1:
+        for i in tqdm(todo, disable=not progress): done(i, run_job(jobs[i]))
+        return out
     from small_doge import ablations   # a spawned worker can only unpickle functions of an importable module
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-        futures = {pool.submit(ablations.run_job, j): i for i, j in enumerate(jobs)}
-        out = [None] * len(jobs)
-        for f in tqdm(as_completed(futures), total=len(jobs), disable=not progress): out[futures[f]] = f.result()
+        futures = {pool.submit(ablations.run_job, jobs[i]): i for i in todo}
+        for f in tqdm(as_completed(futures), total=len(todo), disable=not progress): done(futures[f], f.result())
     return out
+
