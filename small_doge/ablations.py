@@ -136,7 +136,7 @@ def mqar_job(kind: str, seed: int, window: int = 32, pairs=MQAR_PAIRS, lengths=M
     if keep_weights: out['state_dict'] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
-# %% ../nbs/17_ablations.ipynb #c9799eb1
+# %% ../nbs/17_ablations.ipynb #88e03369
 def heldout_blocks(ds, tokenizer, block_size: int, n_tokens: int) -> torch.Tensor:
     "The first `n_tokens` tokens of `ds` (packed with EOS between documents) as [n_tokens // block_size, block_size] blocks."
     blocks = np.asarray(pack_dataset(ds, tokenizer, block_size)['input_ids'][:n_tokens // block_size])
@@ -186,7 +186,7 @@ def job_file(resume_dir, job: dict) -> Path:
     return Path(resume_dir) / (hashlib.sha1(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()[:16] + '.pt')
 
 
-# %% ../nbs/17_ablations.ipynb #317d86ca
+# %% ../nbs/17_ablations.ipynb #23baf673
 def run_grid(jobs, workers: int = 2, progress: bool = True, resume_dir=None) -> list[dict]:
     "Run `jobs` with `workers` single-threaded processes (fresh 'spawn' processes); results in job order."
     out = [None] * len(jobs)
