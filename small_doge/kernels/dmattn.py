@@ -4,14 +4,12 @@
 
 # %% ../../nbs/08_dmattn_triton.ipynb #d8db92da
 from __future__ import annotations
-import math, os
+import math
 
 import torch
-if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')   # no GPU: the interpreter (set before triton's import)
+from ..core import check_attention_inputs, keys_best_first   # first: small_doge picks the interpreter
 import triton
 import triton.language as tl
-
-from ..attention import _check_inputs, _keys_best_first
 
 # %% auto #0
 __all__ = ['INTERPRET', 'key_ranks', 'drop_rows', 'tile_kept_keys', 'first_keys', 'DMAttnFunction', 'dmattn_triton']
@@ -20,7 +18,7 @@ __all__ = ['INTERPRET', 'key_ranks', 'drop_rows', 'tile_kept_keys', 'first_keys'
 def key_ranks(bias: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     "Strength rank [B, Hkv, Sk] int32 of each key: 0 = largest bias (ties: later key first); padding keys rank last."
     B, Hkv, Sk = bias.shape
-    order = _keys_best_first(bias)
+    order = keys_best_first(bias)
     if attention_mask is not None:   # stable partition: real keys first, in the same order
         pad = ~attention_mask.bool()[:, None, :].expand(B, Hkv, Sk).gather(-1, order)
         order = order.gather(-1, torch.argsort(pad.to(torch.uint8), dim=-1, stable=True))
@@ -347,7 +345,7 @@ def dmattn_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
                   keep_window_size: int | None = None, attention_mask: torch.Tensor | None = None,
                   scaling: float | None = None) -> torch.Tensor:
     "Dynamic Mask Attention with fused Triton kernels (autograd-capable); the contract of `dynamic_mask_attention`."
-    _check_inputs(query, key, value, bias, keep_window_size, attention_mask)
+    check_attention_inputs(query, key, value, bias, keep_window_size, attention_mask)
     if value.shape[-1] != query.shape[-1]:
         raise ValueError(f"the Triton kernel needs value head_dim == query head_dim, got {value.shape[-1]} "
                          f"and {query.shape[-1]}")
