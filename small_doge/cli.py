@@ -4,13 +4,13 @@
 
 # %% ../nbs/20_cli.ipynb #b144b21a
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, re, sys
 from pathlib import Path
 
 from .core import SmallDogeError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'RUN_FLAGS', 'command', 'positive_int', 'device_name', 'Parser', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #de653e84
 COMMANDS = {}
@@ -22,51 +22,76 @@ def command(name, help):
         return f
     return deco
 
+def positive_int(text: str) -> int:
+    "An argparse type: an integer >= 1."
+    try: n = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}') from None
+    if n < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {n}')
+    return n
+
+def device_name(text: str) -> str:
+    "An argparse type: cpu, cuda, cuda:N or mps (whether this machine has it is checked when the command runs)."
+    if not re.fullmatch(r'cpu|cuda(:\d+)?|mps', text): raise argparse.ArgumentTypeError(f'unknown device {text!r}: use cpu, cuda or cuda:N')
+    return text
+
 # %% ../nbs/20_cli.ipynb #9ce20230
 @command('run', 'run the whole pipeline at a preset and write a report to a run folder')
 def _run_parser(p):
     from small_doge.pipeline import PRESETS
     p.add_argument('--preset', default='tiny', choices=sorted(PRESETS), help='size of everything (default: tiny, for a CPU)')
-    p.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<preset>)')
-    p.add_argument('--stages', default=None, help='comma-separated subset of stages to run (default: all); the others are reused from the run folder when an earlier run finished them')
+    p.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<preset>); run again to continue a stopped run')
+    p.add_argument('--stages', default=None, help='comma-separated stages to run (again); the others are reused from the run folder when an earlier run finished them')
+    p.add_argument('--overwrite', action='store_true', help='start every stage over, and write into a folder that holds other files')
     def go(a):
         from small_doge.pipeline import run_pipeline
-        return run_pipeline(a.preset, out_dir=a.out, stages=a.stages.split(',') if a.stages else None)
+        return run_pipeline(a.preset, out_dir=a.out, stages=a.stages.split(',') if a.stages else None, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #ad23cb2d
+def _overwrite_arg(p, what):
+    p.add_argument('--overwrite', action='store_true', help=f'replace --out even if it holds something other than {what}')
+
 @command('corpus', 'build a text corpus (default: the embedded pystdlib corpus) and save it to disk')
 def _corpus_parser(p):
-    p.add_argument('--out', type=Path, required=True, help='directory to save the DatasetDict to')
-    p.add_argument('--files', nargs='*', default=None, help='local txt/jsonl/parquet files instead of pystdlib')
-    p.add_argument('--max-files', type=int, default=None, help='use at most this many stdlib files')
+    p.add_argument('--out', type=Path, required=True, help='directory to save the DatasetDict to (new, empty, or an earlier corpus)')
+    p.add_argument('--files', nargs='+', default=None, help='local txt/jsonl/parquet files instead of pystdlib')
+    p.add_argument('--max-files', type=positive_int, default=None, help='use at most this many stdlib files')
+    _overwrite_arg(p, 'a corpus')
     def go(a):
         from small_doge.pipeline import build_corpus
-        return build_corpus(a.out, files=a.files, max_files=a.max_files)
+        return build_corpus(a.out, files=a.files, max_files=a.max_files, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #e11dc248
 @command('tokenizer', 'train a byte-level BPE tokenizer on a corpus and save it')
 def _tokenizer_parser(p):
-    p.add_argument('--out', type=Path, required=True, help='directory to save the tokenizer to')
-    p.add_argument('--vocab-size', type=int, default=32768, help='vocabulary size, special tokens included')
+    p.add_argument('--out', type=Path, required=True, help='directory to save the tokenizer to (new, empty, or an earlier tokenizer)')
+    p.add_argument('--vocab-size', type=positive_int, default=32768, help='vocabulary size, special tokens included')
     p.add_argument('--corpus', type=Path, default=None, help='a corpus saved by `small-doge corpus` (default: pystdlib)')
-    p.add_argument('--max-files', type=int, default=None, help='with the default corpus: use at most this many stdlib files')
+    p.add_argument('--max-files', type=positive_int, default=None, help='with the default corpus: use at most this many stdlib files')
+    _overwrite_arg(p, 'a tokenizer')
     def go(a):
         from small_doge.pipeline import build_tokenizer
-        return build_tokenizer(a.out, vocab_size=a.vocab_size, corpus=a.corpus, max_files=a.max_files)
+        return build_tokenizer(a.out, vocab_size=a.vocab_size, corpus=a.corpus, max_files=a.max_files, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #95427fed
+RUN_FLAGS = dict(resume=('resume_from_checkpoint', 'continue the run in --output-dir from its newest checkpoint'),
+                 overwrite=('overwrite', 'start over in an --output-dir that holds another run (its files only are deleted)'),
+                 reset_optimizer=('reset_optimizer', 'resume from a checkpoint without optimizer state: fresh AdamW and schedule'),
+                 allow_recipe_change=('allow_recipe_change', 'resume with other settings than the run was started with'))
+
 def _stage_parser(stage, default_recipe):
     def build(p):
         p.add_argument('--config', default=default_recipe, help=f'recipe YAML path or packaged name (default: {default_recipe})')
         p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
         p.add_argument('--output-dir', default=None, help='where checkpoints and the final model go (overrides the recipe)')
+        for flag, (_, help) in RUN_FLAGS.items(): p.add_argument(f'--{flag.replace("_", "-")}', action='store_true', help=help)
         def go(a):
             from small_doge.runs import as_recipe, parse_overrides, run_recipe
             overrides = parse_overrides(a.overrides)
             if a.output_dir: overrides['output_dir'] = a.output_dir
+            overrides.update({key: True for flag, (key, _) in RUN_FLAGS.items() if getattr(a, flag)})
             return run_recipe(as_recipe(a.config, stage, **overrides))
         return go
     return build
@@ -94,44 +119,55 @@ def _eval_parser(p):
     _model_arg(p)
     p.add_argument('--tasks', default=None, help="comma-separated lm-eval tasks, groups or task files (default: the offline "
                    "tasks, doge_offline; doge_seeds: the seeds' benchmarks, data from the hub)")
-    p.add_argument('--limit', type=int, default=None, help='only the first N examples of each task')
-    p.add_argument('--n-examples', type=int, default=None, help="examples each offline task generates (default: the task's own)")
+    p.add_argument('--limit', type=positive_int, default=None, help='only the first N examples of each task')
+    p.add_argument('--n-examples', type=positive_int, default=None, help="examples each offline task generates (default: the task's own)")
     p.add_argument('--out', type=Path, default=None, help='folder for results.json and results.md (default: <model dir>/eval)')
-    p.add_argument('--batch-size', type=int, default=8, help='requests scored in one forward pass')
+    p.add_argument('--batch-size', type=positive_int, default=8, help='requests scored in one forward pass')
     p.add_argument('--no-speed', action='store_true', help='skip the generation-speed measurement')
-    p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    p.add_argument('--device', type=device_name, default=None, help='cpu or cuda (default: cuda when available)')
     def go(a):
-        from small_doge.evaluate import evaluate_model
+        from small_doge.core import check_device
         from small_doge.sft import resolve_model_path
-        path = Path(resolve_model_path(a.model))
+        device, path = check_device(a.device), Path(resolve_model_path(a.model))    # both before the model is loaded
+        from small_doge.evaluate import evaluate_model
         out = a.out or (path/'eval' if path.is_dir() else Path('eval')/str(path).replace('/', '--'))
         return evaluate_model(a.model, tasks=a.tasks.split(',') if a.tasks else None, limit=a.limit, out_dir=out,
-                              batch_size=a.batch_size, device=a.device, speed=not a.no_speed,
+                              batch_size=a.batch_size, device=device, speed=not a.no_speed,
                               metadata=dict(n=a.n_examples) if a.n_examples is not None else None)
     return go
 
 def _sampling(p):
     "The arguments of commands that generate: the model and how to decode."
     _model_arg(p)
-    p.add_argument('--max-new-tokens', type=int, default=256, help='longest reply, in tokens')
+    p.add_argument('--max-new-tokens', type=int, default=None,
+                   help="longest reply, in tokens (default: 256, or fewer when the model's positions run out)")
     p.add_argument('--temperature', type=float, default=0.0, help='0 for greedy decoding, >0 to sample')
     p.add_argument('--top-k', type=int, default=50, help='with --temperature > 0: sample among the k likeliest tokens')
+    p.add_argument('--top-p', type=float, default=1.0, help='with --temperature > 0: sample from the smallest set with this much probability')
+    p.add_argument('--seed', type=int, default=None, help='with --temperature > 0: seed of the sampler (reproducible output)')
 
 def _model_and_sampling(a):
-    "The model (eval mode), its tokenizer and the `generate` keyword arguments the command line asked for."
+    "Check the decoding options, then load the model: its `FastGenerator`, its tokenizer and the sampling arguments."
+    import math
+    from small_doge.core import ConfigError
+    if a.max_new_tokens is not None and a.max_new_tokens < 1: raise ConfigError(f'--max-new-tokens must be >= 1, got {a.max_new_tokens}')
+    if not math.isfinite(a.temperature) or a.temperature < 0: raise ConfigError(f'--temperature must be >= 0, got {a.temperature}')
+    if a.top_k < 0: raise ConfigError(f'--top-k must be >= 0, got {a.top_k}')
+    if not 0 < a.top_p <= 1: raise ConfigError(f'--top-p must be in (0, 1], got {a.top_p}')
+    from small_doge.inference import FastGenerator
     from small_doge.sft import load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(a.model)
-    sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k) if a.temperature > 0 else dict(do_sample=False)
-    return model.eval(), tok, dict(max_new_tokens=a.max_new_tokens, **sampling)
+    sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed) if a.temperature > 0 else {}
+    return FastGenerator(model.eval()), tok, sampling
 
-@command('chat', 'chat with a model in the terminal (streams replies; /reset, /exit)')
+@command('chat', 'chat with a model in the terminal (streams replies; /reset, /exit; Ctrl-C stops a reply)')
 def _chat_parser(p):
     _sampling(p)
     p.add_argument('--system', default=None, help='a system prompt')
     def go(a):
-        from small_doge.evaluate import chat_repl
-        model, tok, gen = _model_and_sampling(a)
-        chat_repl(model, tok, system=a.system, **gen)
+        from small_doge.inference import chat_repl
+        gen, tok, sampling = _model_and_sampling(a)
+        chat_repl(gen, tok, system=a.system, max_new_tokens=a.max_new_tokens or 256, **sampling)
     return go
 
 @command('generate', 'continue a text prompt with a model, streaming the tokens')
@@ -139,16 +175,72 @@ def _generate_parser(p):
     _sampling(p)
     p.add_argument('--prompt', required=True, help='the text to continue')
     def go(a):
-        import torch
+        from small_doge.core import DataError
+        from small_doge.inference import _not_utf8
+        if not a.prompt: raise DataError('empty prompt: --prompt has no text to continue')
+        if _not_utf8(a.prompt): raise DataError('--prompt is not valid UTF-8 text')
         from transformers import TextStreamer
-        model, tok, gen = _model_and_sampling(a)
-        with torch.no_grad(): model.generate(**tok(a.prompt, return_tensors='pt'), streamer=TextStreamer(tok), **gen)
+        gen, tok, sampling = _model_and_sampling(a)
+        ids = tok(a.prompt, return_tensors='pt')['input_ids']
+        if ids.shape[1] >= gen.max_length:
+            raise DataError(f'the prompt is {ids.shape[1]} tokens; the model has {gen.max_length} positions')
+        n_new = a.max_new_tokens or min(256, gen.max_length - ids.shape[1])
+        try: gen.generate(ids, n_new, streamer=TextStreamer(tok, skip_special_tokens=True), **sampling)
+        except KeyboardInterrupt: print(); raise SystemExit(130) from None   # Ctrl-C: stop quietly
+    return go
+
+# %% ../nbs/20_cli.ipynb #3c8d2f4b
+@command('bench', "measure decoding or training speed against transformers' native Doge (tokens/s, side by side)")
+def _bench_parser(p):
+    p.add_argument('what', choices=['decode', 'train'], help='decoding (generate) or a training step')
+    source = p.add_mutually_exclusive_group()
+    source.add_argument('--model', default=None, help='a saved model (directory, run folder or run:<recipe>)')
+    source.add_argument('--preset', default='doge-20m', help='a model shape with random weights (default: doge-20m)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: as set, one per core)')
+    p.add_argument('--context', type=int, default=32, help='decode: prompt tokens before the new ones')
+    p.add_argument('--new-tokens', type=int, default=128, help='decode: new tokens per run')
+    p.add_argument('--batch', type=int, default=None, help='decode: the batched row (default 8); train: rows per step (default 4)')
+    p.add_argument('--seq-len', type=int, default=512, help='train: tokens per row')
+    p.add_argument('--repeats', type=int, default=3, help='decode: timed runs of each; train: timed steps of each')
+    p.add_argument('--json', action='store_true', help='print the result as JSON instead of a table')
+    def go(a):
+        from small_doge.inference import bench_decode, bench_table, bench_train
+        model = None
+        if a.model:
+            from small_doge.doge import DogeForCausalLM
+            from small_doge.sft import resolve_model_path
+            model = DogeForCausalLM.from_pretrained(resolve_model_path(a.model))
+        if a.what == 'decode':
+            r = bench_decode(model, a.preset, a.threads, context=a.context, new_tokens=a.new_tokens, batch=a.batch or 8,
+                             repeats=a.repeats)
+        else: r = bench_train(model, a.preset, a.threads, batch=a.batch or 4, seq_len=a.seq_len, steps=a.repeats)
+        if a.json: return r
+        print(bench_table(r))
+    return go
+
+# %% ../nbs/20_cli.ipynb #4c0ac249
+@command('upcycle', 'convert a Llama (SmolLM2) into a Doge2 MoE and train it with the phased warm-up (lesson 09)')
+def _upcycle_parser(p):
+    p.add_argument('--from', dest='source', required=True, help="the Llama: a model directory, a .gguf file, a hub id or 'smollm2'")
+    p.add_argument('--out', type=Path, required=True, help='run folder: checkpoints, model/, results.json')
+    p.add_argument('--recipe', default='upcycle-smollm2-cpu', help='recipe YAML path or packaged name (default: upcycle-smollm2-cpu)')
+    p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
+    def go(a):
+        from small_doge.doge2 import upcycle
+        from small_doge.runs import parse_overrides
+        res = upcycle(a.recipe, **{**parse_overrides(a.overrides), 'model': a.source, 'output_dir': str(a.out)})
+        return {k: v for k, v in res.items() if k != 'log_history'}
     return go
 
 # %% ../nbs/20_cli.ipynb #644057c4
+class Parser(argparse.ArgumentParser):
+    "`argparse.ArgumentParser` whose usage errors are one line: what is wrong, and where help is."
+    def error(self, message): self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
 def build_parser() -> argparse.ArgumentParser:
     "The `small-doge` argument parser with every registered subcommand."
-    parser = argparse.ArgumentParser(prog='small-doge', description='Build, train and chat with Doge language models.')
+    parser = Parser(prog='small-doge', description='Build, train and chat with Doge language models.')
+    parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (help, builder) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -161,8 +253,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command is None: parser.print_help(); return 0
     try: result = args.func(args)
-    except SmallDogeError as e:
-        print(f'small-doge {args.command}: error: {e}', file=sys.stderr); return 2
+    except (SmallDogeError, OSError, KeyboardInterrupt) as e:
+        if args.debug: raise
+        if isinstance(e, KeyboardInterrupt): print(f'small-doge {args.command}: interrupted', file=sys.stderr); return 130
+        print(f'small-doge {args.command}: error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
+        return 2 if isinstance(e, SmallDogeError) else 1
     if result is not None: print(json.dumps(result, indent=2, default=str))
     return 0
 
