@@ -235,26 +235,24 @@ def goals(results, args):
 def compile_check(entries):
     "Compile the kernels of the tile table for an H100 (sm_90) without a GPU; ptxas -v gives registers and spills."
     import inspect, re, subprocess
-    os.environ.pop('TRITON_INTERPRET', None)    # the compiler needs the real triton.language, not the interpreter's
+    os.environ['TRITON_INTERPRET'] = '0'   # the compiler needs the real triton.language (and small_doge must not choose the interpreter)
     sys.path.insert(0, str(REPO))
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
     import small_doge.kernels.dmattn as dm
-    dm._triton()
     target, ptxas = GPUTarget('cuda', 90, 32), get_ptxas(90).path
     pointers = dict(Drop='*i32', First='*i32', Rank='*i32', Sorted='*i32', Lse='*fp32', Delta='*fp32', DB='*fp32')
 
     def report(fn, dtype, consts, opts):
         sig = {}
-        for name in inspect.signature(fn).parameters:
+        for name in inspect.signature(fn.fn).parameters:   # fn: a JITFunction
             if name in consts: sig[name] = 'constexpr'
             elif name in pointers: sig[name] = pointers[name]
             elif name in ('Q', 'K', 'V', 'Bias', 'O', 'DO', 'DK', 'DV', 'DQ'): sig[name] = f'*{dtype}'
             else: sig[name] = 'fp32' if name == 'scale' else 'i32'
-        k = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts), target=target, options=opts)
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
         with tempfile.NamedTemporaryFile('w', suffix='.ptx', delete=False) as f: f.write(k.asm['ptx'])
         out = subprocess.run([ptxas, '-v', '--gpu-name', 'sm_90a', f.name, '-o', os.devnull], capture_output=True,
                              text=True)

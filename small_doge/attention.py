@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError
+from .core import ConfigError, check_attention_inputs, keys_best_first
 
 # %% auto #0
 __all__ = ['BACKENDS', 'dynamic_bias', 'dynamic_mask', 'dynamic_mask_attention']
@@ -28,12 +28,6 @@ def dynamic_bias(value_states: torch.Tensor, dt_proj_weight: torch.Tensor, A: to
     return torch.exp(A.double() * F.softplus(dt.double())).to(dt.dtype).transpose(-1, -2)   # [B, Hkv, Sk]
 
 # %% ../nbs/05_dmattn.ipynb #c64a323c
-def _keys_best_first(bias: torch.Tensor) -> torch.Tensor:
-    "Key indices [B, Hkv, Sk] sorted by (bias, position), best first: larger bias wins, ties go to the later key."
-    Sk = bias.shape[-1]
-    order = torch.argsort(bias.float().flip(-1), dim=-1, descending=True, stable=True)
-    return Sk - 1 - order
-
 def dynamic_mask(bias: torch.Tensor, Sq: int, keep_window_size: int | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     "Boolean [B, Hkv, Sq, Sk]: causal, non-padding keys, cut to the top `keep_window_size` by bias (ties -> later key)."
@@ -42,7 +36,7 @@ def dynamic_mask(bias: torch.Tensor, Sq: int, keep_window_size: int | None = Non
     visible = (torch.arange(Sk, device=bias.device)[None, :] <= q_pos[:, None]).expand(B, Hkv, Sq, Sk)
     if attention_mask is not None: visible = visible & attention_mask.bool()[:, None, None, :]
     if keep_window_size is None or keep_window_size >= Sk: return visible    # no row can exceed the window
-    order = _keys_best_first(bias)[:, :, None, :].expand(B, Hkv, Sq, Sk)
+    order = keys_best_first(bias)[:, :, None, :].expand(B, Hkv, Sq, Sk)
     vis_sorted = visible.gather(-1, order)
     kept_sorted = vis_sorted & (vis_sorted.cumsum(-1, dtype=torch.int32) <= keep_window_size)
     return torch.zeros_like(visible).scatter(-1, order, kept_sorted)
@@ -86,40 +80,17 @@ def _sdpa_causal_dmattn(query, key, value, bias, scaling):
 # %% ../nbs/05_dmattn.ipynb #3618e78e
 BACKENDS = ('eager', 'sdpa', 'triton')
 
-def _check_inputs(query, key, value, bias, keep_window_size, attention_mask):
-    for name, t in (('query', query), ('key', key), ('value', value)):
-        if t.dim() != 4: raise ValueError(f"{name} must be 4-D [B, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if not t.is_floating_point(): raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
-    B, H, Sq, D = query.shape
-    _, Hkv, Sk, Dk = key.shape
-    if value.shape[:3] != key.shape[:3]:
-        raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in batch, heads and length")
-    if key.shape[0] != B or Dk != D:
-        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in batch or head_dim")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
-    if H % Hkv: raise ConfigError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    if Sq > Sk: raise ValueError(f"more queries ({Sq}) than keys ({Sk}): queries are the last Sq of the Sk positions")
-    if tuple(bias.shape) != (B, Hkv, Sk):
-        raise ValueError(f"bias must be [B, Hkv, Sk] = {(B, Hkv, Sk)}, got {tuple(bias.shape)}")
-    if not bias.is_floating_point(): raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
-    if attention_mask is not None and tuple(attention_mask.shape) != (B, Sk):
-        raise ValueError(f"attention_mask must be [B, Sk] = {(B, Sk)} (1 = token, 0 = padding), "
-                         f"got {tuple(attention_mask.shape)}")
-    if keep_window_size is not None and (isinstance(keep_window_size, bool) or int(keep_window_size) != keep_window_size
-                                         or keep_window_size < 1):
-        raise ConfigError(f"keep_window_size must be a positive int or None, got {keep_window_size!r}")
-
 def dynamic_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, *,
                            keep_window_size: int | None = None, attention_mask: torch.Tensor | None = None,
                            scaling: float | None = None, backend: str = 'eager') -> torch.Tensor:
     "Dynamic Mask Attention: q [B,H,Sq,D], k/v [B,Hkv,Sk,D], per-key bias [B,Hkv,Sk] -> [B,H,Sq,D]."
     if backend not in BACKENDS: raise ConfigError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
-    _check_inputs(query, key, value, bias, keep_window_size, attention_mask)
+    check_attention_inputs(query, key, value, bias, keep_window_size, attention_mask)
     if backend == 'triton':
         try: from small_doge.kernels.dmattn import dmattn_triton
         except ImportError as e:
-            raise ConfigError(f"backend='triton' needs small_doge.kernels.dmattn (Triton and a GPU): {e}") from e
+            raise ConfigError(f"backend='triton' needs the `triton` package (pip install triton; without a GPU its "
+                              f"kernels run in Triton's interpreter): {e}") from e
         return dmattn_triton(query, key, value, bias, keep_window_size=keep_window_size,
                              attention_mask=attention_mask, scaling=scaling)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

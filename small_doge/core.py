@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['in_test', 'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write', 'atomic_dir', 'listing',
-           'is_inside', 'check_writable', 'check_output_dir', 'seed_everything', 'doge_home', 'looks_like_hub_id',
-           'no_such_path', 'check_device']
+__all__ = ['in_test', 'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write', 'atomic_dir', 'listing', 'is_inside', 'check_writable', 'check_output_dir', 'seed_everything', 'doge_home', 'looks_like_hub_id', 'no_such_path', 'check_device', 'keys_best_first', 'check_attention_inputs']
 
 # %% ../nbs/00_core.ipynb #15b65bd4
 def in_test() -> bool:
@@ -147,3 +145,36 @@ def check_device(spec: str | None = None) -> str:
     if device.type == 'mps' and not torch.backends.mps.is_available(): raise ConfigError(f'device {spec!r}: MPS is not available')
     if device.type not in ('cpu', 'cuda', 'mps'): raise ConfigError(f'device {spec!r} is not supported: use cpu or cuda')
     return str(device)
+
+# %% ../nbs/05_dmattn.ipynb #8b6bba88
+def keys_best_first(bias: torch.Tensor) -> torch.Tensor:
+    "Key indices [B, Hkv, Sk] sorted by (bias, position), best first: larger bias wins, ties go to the later key."
+    import torch   # here, not at the top: small_doge.core stays free of torch
+    Sk = bias.shape[-1]
+    order = torch.argsort(bias.float().flip(-1), dim=-1, descending=True, stable=True)
+    return Sk - 1 - order
+
+# %% ../nbs/05_dmattn.ipynb #7aaaa0e5
+def check_attention_inputs(query, key, value, bias, keep_window_size, attention_mask):
+    for name, t in (('query', query), ('key', key), ('value', value)):
+        if t.dim() != 4: raise ValueError(f"{name} must be 4-D [B, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point(): raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+    B, H, Sq, D = query.shape
+    _, Hkv, Sk, Dk = key.shape
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"value {tuple(value.shape)} must match key {tuple(key.shape)} in batch, heads and length")
+    if key.shape[0] != B or Dk != D:
+        raise ValueError(f"key {tuple(key.shape)} does not match query {tuple(query.shape)} in batch or head_dim")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if H % Hkv: raise ConfigError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if Sq > Sk: raise ValueError(f"more queries ({Sq}) than keys ({Sk}): queries are the last Sq of the Sk positions")
+    if tuple(bias.shape) != (B, Hkv, Sk):
+        raise ValueError(f"bias must be [B, Hkv, Sk] = {(B, Hkv, Sk)}, got {tuple(bias.shape)}")
+    if not bias.is_floating_point(): raise ValueError(f"bias must be a floating tensor, got {bias.dtype}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, Sk):
+        raise ValueError(f"attention_mask must be [B, Sk] = {(B, Sk)} (1 = token, 0 = padding), "
+                         f"got {tuple(attention_mask.shape)}")
+    if keep_window_size is not None and (isinstance(keep_window_size, bool) or int(keep_window_size) != keep_window_size
+                                         or keep_window_size < 1):
+        raise ConfigError(f"keep_window_size must be a positive int or None, got {keep_window_size!r}")

@@ -10,8 +10,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError, DataError
-from .attention import _keys_best_first, dynamic_bias, dynamic_mask_attention
+from .core import ConfigError, DataError, keys_best_first
+from .attention import dynamic_bias, dynamic_mask_attention
 from .moe import product_key_topk
 from .rope import apply_rotary_pos_emb
 
@@ -47,7 +47,7 @@ class WindowCache:
             self.k[layer, :, :, :P], self.v[layer, :, :, :P], self.bias[layer, :, :, :P] = k, v, bias
             self.pos[layer, :, :, :P] = torch.arange(P, device=k.device)
             return
-        best = _keys_best_first(bias)[..., :W]                             # [B, Hkv, W]
+        best = keys_best_first(bias)[..., :W]                             # [B, Hkv, W]
         rows = best[..., None].expand(-1, -1, -1, k.shape[-1])
         self.k[layer, :, :, :W], self.v[layer, :, :, :W] = k.gather(2, rows), v.gather(2, rows)
         self.bias[layer, :, :, :W], self.pos[layer, :, :, :W] = bias.gather(2, best), best

@@ -123,6 +123,7 @@ def pretrain_corpus(recipe: PretrainRecipe):
     if missing: raise DataError(f'{data}: the corpus needs train and validation splits, missing {sorted(missing)}')
     return dsd
 
+# %% ../nbs/10_pretrain.ipynb #de51502c
 def pretrain_tokenizer(recipe: PretrainRecipe, texts=None):
     "The recipe's tokenizer: loaded from `recipe.tokenizer`, from the run directory, or trained on `texts` and saved there."
     from small_doge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
@@ -138,6 +139,7 @@ def pretrain_tokenizer(recipe: PretrainRecipe, texts=None):
     if int(os.environ.get('RANK', '0')) == 0: save_tokenizer(tok, saved)
     return tok
 
+# %% ../nbs/10_pretrain.ipynb #c61427ae
 def build_model(recipe: PretrainRecipe, tokenizer) -> DogeForCausalLM:
     "A freshly initialised Doge model of the recipe's preset, sized to the tokenizer's vocabulary."
     from small_doge.doge import DogeConfig, DogeForCausalLM

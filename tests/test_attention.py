@@ -1,5 +1,5 @@
 "Randomised and parity tests for small_doge.attention (Dynamic Mask Attention reference)."
-import sys, types
+import subprocess, sys, types
 
 import pytest
 import torch
@@ -266,8 +266,18 @@ def test_triton_backend_dispatches_lazily(monkeypatch):
 def test_triton_backend_missing_module_is_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'small_doge.kernels.dmattn', None)   # import of it raises ImportError
     q = torch.randn(1, 2, 4, 8); kv = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ConfigError, match='triton'):
+    with pytest.raises(ConfigError, match='triton') as e:
         dynamic_mask_attention(q, kv, kv, torch.ones(1, 1, 4), backend='triton')
+    assert "Triton's interpreter" in str(e.value)   # no GPU needed: it says so rather than asking for one
+
+
+def test_imports_run_one_way():
+    "attention imports the kernel only when the triton backend runs; the kernel never imports attention."
+    code = ("import sys, small_doge.attention; assert 'small_doge.kernels.dmattn' not in sys.modules and 'triton' not in sys.modules; "
+            "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith('small_doge.')]; "
+            "import small_doge.kernels.dmattn; assert 'small_doge.attention' not in sys.modules, 'kernel imported attention'")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def _good():

@@ -4,20 +4,21 @@
 
 # %% ../../nbs/08_dmattn_triton.ipynb #d8db92da
 from __future__ import annotations
-import math, os
+import math
 
 import torch
-
-from ..attention import _check_inputs, _keys_best_first
+from ..core import check_attention_inputs, keys_best_first   # first: small_doge picks the interpreter
+import triton
+import triton.language as tl
 
 # %% auto #0
-__all__ = ['key_ranks', 'drop_rows', 'first_keys', 'DMAttnFunction', 'dmattn_triton']
+__all__ = ['INTERPRET', 'key_ranks', 'drop_rows', 'tile_kept_keys', 'first_keys', 'DMAttnFunction', 'dmattn_triton']
 
 # %% ../../nbs/08_dmattn_triton.ipynb #14a94bbf
 def key_ranks(bias: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     "Strength rank [B, Hkv, Sk] int32 of each key: 0 = largest bias (ties: later key first); padding keys rank last."
     B, Hkv, Sk = bias.shape
-    order = _keys_best_first(bias)
+    order = keys_best_first(bias)
     if attention_mask is not None:   # stable partition: real keys first, in the same order
         pad = ~attention_mask.bool()[:, None, :].expand(B, Hkv, Sk).gather(-1, order)
         order = order.gather(-1, torch.argsort(pad.to(torch.uint8), dim=-1, stable=True))
@@ -25,36 +26,18 @@ def key_ranks(bias: torch.Tensor, attention_mask: torch.Tensor | None = None) ->
     return rank.scatter_(-1, order, torch.arange(Sk, dtype=torch.int32, device=bias.device).expand_as(order))
 
 # %% ../../nbs/08_dmattn_triton.ipynb #acae36ce
-def _triton():
-    "Import triton on first use (interpreter mode when there is no GPU) and bind `triton`/`tl` for the kernels."
-    global triton, tl
-    if globals().get('tl') is None:
-        if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError as e:
-            raise ImportError(f'the Triton kernels need the `triton` package (pip install triton): {e}') from e
-    return triton
+INTERPRET = triton.knobs.runtime.interpret   # kernels run in Triton's interpreter (on CPU tensors)
 
-_kernels = {}
-
-def _launch(kernel, grid, interpret: bool, *args, **meta):
-    "Run a kernel function: compiled with `triton.jit` for GPU tensors, in Triton's interpreter for CPU tensors."
-    _triton()
-    if (kernel, interpret) not in _kernels:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            if not isinstance(tl.zeros, InterpretedFunction):
-                raise RuntimeError('Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is '
-                                   'imported (small_doge sets it when it imports triton on a machine without CUDA)')
-            _kernels[kernel, interpret] = InterpretedFunction(kernel)
-        else: _kernels[kernel, interpret] = triton.jit(kernel)
-    return _kernels[kernel, interpret][grid](*args, **meta)
+def _check_device(t: torch.Tensor):
+    "The compiled kernels take CUDA tensors; CPU tensors need the interpreter, chosen before triton's first import."
+    if not t.is_cuda and not INTERPRET:
+        raise RuntimeError('Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported '
+                           '(small_doge sets it on a machine without a GPU)')
 
 def _next_pow2(n: int) -> int: return 1 << max(0, (int(n) - 1).bit_length())
 
 # %% ../../nbs/08_dmattn_triton.ipynb #0b3804b3
+@triton.jit
 def _drop_rows_kernel(Rank, Sorted, Drop, SK, W, NB,
                       BLOCK_J: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, CHUNK: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
@@ -90,7 +73,7 @@ def _drop_rows_kernel(Rank, Sorted, Drop, SK, W, NB,
 def _drop_rows_sorted_blocks(rank: torch.Tensor, W: int) -> torch.Tensor:
     B, Hkv, Sk = rank.shape
     rank = rank.contiguous()
-    interpret = not rank.is_cuda
+    interpret = not rank.is_cuda   # small blocks: tiny test shapes still span several of them
     P = 16 if interpret else max(16, min(1024, _next_pow2(math.sqrt(Sk * max(1.0, math.log2(Sk))))))
     NB = -(-Sk // P)
     blocks = torch.full((B, Hkv, NB * P), Sk + 1, dtype=torch.int32, device=rank.device)  # pad: beats nobody
@@ -98,14 +81,14 @@ def _drop_rows_sorted_blocks(rank: torch.Tensor, W: int) -> torch.Tensor:
     blocks = blocks.view(B, Hkv, NB, P).sort(-1).values.contiguous()
     drop = torch.empty_like(rank)
     block_j = 16 if interpret else 64
-    _launch(_drop_rows_kernel, (triton.cdiv(Sk, block_j), B * Hkv), interpret, rank, blocks, drop,
-            Sk, W, NB, BLOCK_J=block_j, P=P, LOG_P=P.bit_length() - 1, CHUNK=min(P, 16 if interpret else 64))
+    _drop_rows_kernel[(triton.cdiv(Sk, block_j), B * Hkv)](rank, blocks, drop, Sk, W, NB, BLOCK_J=block_j, P=P,
+                                                          LOG_P=P.bit_length() - 1, CHUNK=min(P, 16 if interpret else 64))
     return drop
 
 def drop_rows(bias: torch.Tensor, keep_window_size: int | None = None, attention_mask: torch.Tensor | None = None,
               n_queries: int | None = None) -> torch.Tensor:
     "Drop rows [B, Hkv, Sk] int32: key j is kept by the query rows at absolute positions j <= p < d_j."
-    _triton()
+    _check_device(bias)
     B, Hkv, Sk = bias.shape
     pos = torch.arange(Sk, device=bias.device, dtype=torch.int32).expand(B, Hkv, Sk)
     W = keep_window_size
@@ -116,6 +99,14 @@ def drop_rows(bias: torch.Tensor, keep_window_size: int | None = None, attention
         else: drop = _drop_rows_sorted_blocks(rank, W)
     if attention_mask is not None: drop = torch.where(attention_mask.bool()[:, None, :], drop, pos)
     return drop.to(torch.int32).contiguous()
+
+# %% ../../nbs/08_dmattn_triton.ipynb #05ca52c5
+def tile_kept_keys(j, dj, p_lo, p_hi):
+    """How many keys `j` (drop rows `dj`, last axis) some row p_lo <= p <= p_hi keeps: 0 means the tile of those rows
+    and keys holds no kept (row, key) pair. Plain operators, so it runs on torch tensors and, jitted, inside kernels."""
+    return ((j <= p_hi) & (p_lo < dj) & (j < dj)).sum(-1)
+
+_tile_kept_keys = triton.jit(tile_kept_keys)   # the same function, callable from the kernels
 
 # %% ../../nbs/08_dmattn_triton.ipynb #664b0bfa
 def first_keys(drop: torch.Tensor) -> torch.Tensor:
@@ -128,13 +119,14 @@ def first_keys(drop: torch.Tensor) -> torch.Tensor:
     return first_by_drop.flip(-1).cummin(-1).values.flip(-1)[..., 1:].contiguous()   # min over d_j >= p + 1
 
 # %% ../../nbs/08_dmattn_triton.ipynb #bb92c94a
+@triton.jit
 def _fwd_kernel(Q, K, V, Bias, Drop, First, O, Lse,
                 sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, so_b, so_h, so_m,
                 H, HKV, SQ, SK, N_REP, scale,
                 HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     pid_bh = tl.program_id(1)
-    b = (pid_bh // HKV).to(tl.int64); hk = (pid_bh % HKV).to(tl.int64)
+    b = (pid_bh // HKV).to(tl.int64); hk = (pid_bh % HKV).to(tl.int64)  # new: 64-bit, for the bases below
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # packed rows: (head in group, query)
     row_ok = r < N_REP * SQ
     r = tl.minimum(r, N_REP * SQ - 1)                                # rows past the end repeat the last one
@@ -143,9 +135,9 @@ def _fwd_kernel(Q, K, V, Bias, Drop, First, O, Lse,
     p_lo, p_hi = tl.min(pos), tl.max(pos)
     d = tl.arange(0, BLOCK_D)
     dmask = d[None, :] < HEAD_D                                      # all true unless the head dim is padded
-    Qg = Q + b * sq_b + hk * N_REP * sq_h                            # 64-bit bases, 32-bit offsets in the tile
-    Kh, Vh = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
-    Bh = Bias + b * sb_b + hk * sb_h
+    Qg = Q + b * sq_b + hk * N_REP * sq_h                            # new: 64-bit bases, 32-bit offsets in the tile
+    Kh, Vh = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h      # new
+    Bh = Bias + b * sb_b + hk * sb_h                                 # new
     kv = (b * HKV + hk) * SK
     q = tl.load(Qg + g[:, None] * sq_h + i[:, None] * sq_m + d[None, :], mask=dmask, other=0.)
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
@@ -155,12 +147,12 @@ def _fwd_kernel(Q, K, V, Bias, Drop, First, O, Lse,
     for start in range(lo, p_hi + 1, BLOCK_N):                        # causal: nothing after p_hi
         j = start + tl.arange(0, BLOCK_N)
         dj = tl.load(Drop + kv + j, mask=j < SK, other=0)             # 0 past the end: never kept
-        if tl.max((tl.maximum(j, p_lo) < tl.minimum(dj, p_hi + 1)).to(tl.int32), 0) > 0:   # tile has a kept pair
-            jc = tl.minimum(j, SK - 1)                                # in-bounds loads; the mask drops the extras
+        if _tile_kept_keys(j, dj, p_lo, p_hi) > 0:                    # the tile has a kept pair
+            jc = tl.minimum(j, SK - 1)                                # new: in-bounds loads; the mask drops the extras
             k = tl.load(Kh + jc[:, None] * sk_n + d[None, :], mask=dmask, other=0.)
             v = tl.load(Vh + jc[:, None] * sv_n + d[None, :], mask=dmask, other=0.)
             bias = tl.load(Bh + jc * sb_n).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale + bias[None, :]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale + bias[None, :]   # new: DOT_PREC
             s = tl.where((j[None, :] <= pos[:, None]) & (pos[:, None] < dj[None, :]), s, float('-inf'))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float('-inf'), 0., m_new)
@@ -208,11 +200,12 @@ def _fwd(q, k, v, bias, drop, first, scale):
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     tiles = _tiles('fwd', q, n_rep * Sq)
     grid = (triton.cdiv(n_rep * Sq, tiles['BLOCK_M']), B * Hkv)
-    _launch(_fwd_kernel, grid, not q.is_cuda, q, k, v, bias, drop, first, o, lse, *_strides(q, k, v, bias, o),
-            H, Hkv, Sq, Sk, n_rep, scale, HEAD_D=D, BLOCK_D=_next_pow2(max(D, 16)), DOT_PREC=_dot_prec(q), **tiles)
+    _fwd_kernel[grid](q, k, v, bias, drop, first, o, lse, *_strides(q, k, v, bias, o), H, Hkv, Sq, Sk, n_rep, scale,
+                      HEAD_D=D, BLOCK_D=_next_pow2(max(D, 16)), DOT_PREC=_dot_prec(q), **tiles)
     return o, lse
 
 # %% ../../nbs/08_dmattn_triton.ipynb #7c224927
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, Bias, Drop, DO, Lse, Delta, DK, DV, DB,
                      sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sdo_b, sdo_h, sdo_m,
                      H, HKV, SQ, SK, N_REP, scale,
@@ -242,7 +235,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Drop, DO, Lse, Delta, DK, DV, DB,
         for start in range(i_lo, i_hi, BLOCK_M):
             p_lo = off + start
             p_hi = tl.minimum(p_lo + BLOCK_M, SK) - 1
-            if tl.max((tl.maximum(j, p_lo) < tl.minimum(dj, p_hi + 1)).to(tl.int32), 0) > 0:
+            if _tile_kept_keys(j, dj, p_lo, p_hi) > 0:
                 i = start + tl.arange(0, BLOCK_M)
                 pos = off + i                            # rows past the end: pos >= SK >= d_j, never kept
                 ic = tl.minimum(i, SQ - 1)
@@ -264,6 +257,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Drop, DO, Lse, Delta, DK, DV, DB,
     tl.store(DB + kv + j, db, mask=j < SK)
 
 # %% ../../nbs/08_dmattn_triton.ipynb #74fdcac5
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, Bias, Drop, First, DO, Lse, Delta, DQ,
                    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sdo_b, sdo_h, sdo_m,
                    H, HKV, SQ, SK, N_REP, scale,
@@ -293,7 +287,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Drop, First, DO, Lse, Delta, DQ,
     for start in range(lo, p_hi + 1, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         dj = tl.load(Drop + kv + j, mask=j < SK, other=0)
-        if tl.max((tl.maximum(j, p_lo) < tl.minimum(dj, p_hi + 1)).to(tl.int32), 0) > 0:
+        if _tile_kept_keys(j, dj, p_lo, p_hi) > 0:
             jc = tl.minimum(j, SK - 1)
             k = tl.load(Kh + jc[:, None] * sk_n + d[None, :], mask=dmask, other=0.)
             v = tl.load(Vh + jc[:, None] * sv_n + d[None, :], mask=dmask, other=0.)
@@ -318,13 +312,12 @@ def _bwd(do, q, k, v, bias, drop, first, o, lse, scale):
     dbias = torch.empty(B, Hkv, Sk, dtype=torch.float32, device=q.device)
     args = (*_strides(q, k, v, bias, do), H, Hkv, Sq, Sk, n_rep, scale)
     meta = dict(HEAD_D=D, BLOCK_D=_next_pow2(max(D, 16)), DOT_PREC=_dot_prec(q))
-    interpret = not q.is_cuda
     tiles = _tiles('dkdv', q, Sq)
-    _launch(_bwd_dkdv_kernel, (triton.cdiv(Sk, tiles['BLOCK_N']), B * Hkv), interpret,
-            q, k, v, bias, drop, do, lse, delta, dk, dv, dbias, *args, **meta, **tiles)
+    _bwd_dkdv_kernel[(triton.cdiv(Sk, tiles['BLOCK_N']), B * Hkv)](q, k, v, bias, drop, do, lse, delta, dk, dv, dbias,
+                                                                  *args, **meta, **tiles)
     tiles = _tiles('dq', q, n_rep * Sq)
-    _launch(_bwd_dq_kernel, (triton.cdiv(n_rep * Sq, tiles['BLOCK_M']), B * Hkv), interpret,
-            q, k, v, bias, drop, first, do, lse, delta, dq, *args, **meta, **tiles)
+    _bwd_dq_kernel[(triton.cdiv(n_rep * Sq, tiles['BLOCK_M']), B * Hkv)](q, k, v, bias, drop, first, do, lse, delta, dq,
+                                                                        *args, **meta, **tiles)
     return dq, dk, dv, dbias
 
 # %% ../../nbs/08_dmattn_triton.ipynb #1ae545bc
@@ -352,7 +345,7 @@ def dmattn_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
                   keep_window_size: int | None = None, attention_mask: torch.Tensor | None = None,
                   scaling: float | None = None) -> torch.Tensor:
     "Dynamic Mask Attention with fused Triton kernels (autograd-capable); the contract of `dynamic_mask_attention`."
-    _check_inputs(query, key, value, bias, keep_window_size, attention_mask)
+    check_attention_inputs(query, key, value, bias, keep_window_size, attention_mask)
     if value.shape[-1] != query.shape[-1]:
         raise ValueError(f"the Triton kernel needs value head_dim == query head_dim, got {value.shape[-1]} "
                          f"and {query.shape[-1]}")
@@ -362,7 +355,7 @@ def dmattn_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
         raise ValueError(f"all inputs must be on one device, got {sorted({str(t.device) for t in tensors})}")
     if query.device.type not in ('cuda', 'cpu'):
         raise ValueError(f"the Triton kernel runs on CUDA (or on the CPU in Triton's interpreter), not {query.device}")
-    _triton()
+    _check_device(query)
     B, H, Sq, D = query.shape
     if Sq == 0: return query.new_zeros(B, H, 0, D)
     scale = D ** -0.5 if scaling is None else float(scaling)
