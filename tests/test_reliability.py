@@ -365,6 +365,8 @@ CASES = [
     # the default generate on a tiny model) are issue 12's; the model API (1-D ids, an empty sequence, a batch of 0, NaN in
     # inputs_embeds, NaN weights at load) is issue 11's: tests/test_model_inputs.py
 ]
+if __import__('importlib').util.find_spec('lm_eval') is None:   # CI installs it (dev extra); a user may not have
+    CASES.append(dict(id='eval-without-lm-eval', argv=('eval', '--model', '{model}'), rc=2, says='evaluation needs lm-eval: pip install'))
 if not __import__('torch').cuda.is_available():
     CASES.append(dict(id='eval-device-cuda-without-cuda', argv=('eval', '--model', '{model}', '--device', 'cuda'), rc=2,
                       says="device 'cuda': CUDA is not available"))
