@@ -62,6 +62,7 @@ def test_generate_default_fits_the_tiny_preset(tiny_preset_dir):
     assert r.stdout.decode().startswith('def f(x):') and len(r.stdout.decode()) > len('def f(x):')
 
 
+@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_generate_streams_and_samples_reproducibly(tiny_preset_dir):
     a = cli('generate', '--model', tiny_preset_dir, '--prompt', 'hello', '--max-new-tokens', 12, '--temperature', 0.8, '--seed', 3)
     b = cli('generate', '--model', tiny_preset_dir, '--prompt', 'hello', '--max-new-tokens', 12, '--temperature', 0.8, '--seed', 3)
@@ -71,15 +72,16 @@ def test_generate_streams_and_samples_reproducibly(tiny_preset_dir):
 @pytest.mark.parametrize('args,words', [
     (['--max-new-tokens', 0], ['--max-new-tokens must be >= 1, got 0']),
     (['--max-new-tokens', -4], ['got -4']),
-    (['--temperature', -1], ['--temperature must be >= 0']),
-    (['--temperature', 'nan'], ['--temperature']),
-    (['--top-p', 0], ['--top-p must be in (0, 1]']),
+    pytest.param(['--temperature', -1], ['--temperature must be >= 0'], marks=pytest.mark.slow),
+    pytest.param(['--temperature', 'nan'], ['--temperature'], marks=pytest.mark.slow),
+    pytest.param(['--top-p', 0], ['--top-p must be in (0, 1]'], marks=pytest.mark.slow),
     (['--max-new-tokens', 300], ['max_length=256']),
 ])
 def test_generate_bad_options(tiny_preset_dir, args, words):
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', 'hello', *args), 'small-doge generate: error:', *words)
 
 
+@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_generate_empty_long_and_undecodable_prompts(tiny_preset_dir):
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', ''), 'empty prompt')
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', 'word ' * 400), 'positions')
@@ -95,6 +97,7 @@ def test_a_model_that_is_not_a_doge(tmp_path):
 
 
 # ---------------------------------------------------------------- chat
+@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_chat_conversation_bad_bytes_and_a_huge_message(model_dir):
     script = b'Hello\n' + b'bad \xff\xfe line\n' + b'word ' * 20_000 + b'\n' + b'Still there?\n/exit\n'
     r = cli('chat', '--model', model_dir, '--max-new-tokens', 20, stdin=script)
@@ -104,6 +107,7 @@ def test_chat_conversation_bad_bytes_and_a_huge_message(model_dir):
     assert out.count('doge> ') == 2 and 'Traceback' not in r.stderr.decode()
 
 
+@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(model_dir):
     p = subprocess.Popen([sys.executable, '-m', 'small_doge.cli', 'chat', '--model', str(model_dir), '--max-new-tokens', '3500'],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
@@ -135,6 +139,7 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(model_dir):
 
 
 # ---------------------------------------------------------------- bench
+@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_bench_decode_and_train_tables(tiny_preset_dir):
     r = cli('bench', 'decode', '--model', tiny_preset_dir, '--threads', 1, '--new-tokens', 4, '--context', 8, '--batch', 2,
             '--repeats', 1, '--json')
