@@ -129,7 +129,8 @@ def _eval_parser(p):
         from small_doge.core import check_device
         from small_doge.sft import resolve_model_path
         device, path = check_device(a.device), Path(resolve_model_path(a.model))    # both before the model is loaded
-        from small_doge.evaluate import evaluate_model
+        from small_doge.evaluate import evaluate_model, require_lm_eval
+        require_lm_eval()                          # one line saying how to install it, not an ImportError
         out = a.out or (path/'eval' if path.is_dir() else Path('eval')/str(path).replace('/', '--'))
         return evaluate_model(a.model, tasks=a.tasks.split(',') if a.tasks else None, limit=a.limit, out_dir=out,
                               batch_size=a.batch_size, device=device, speed=not a.no_speed,

@@ -55,7 +55,9 @@ def load_corpus(corpus=None, files=None, max_files=None):
     from small_doge.data import load_local, load_saved_corpus, pystdlib_corpus, split_corpus
     if corpus is not None: return load_saved_corpus(corpus)
     if files: return split_corpus(load_local(files), valid_frac=0.05, seed=0)
-    return pystdlib_corpus(max_files=max_files)
+    dsd = pystdlib_corpus(max_files=max_files)
+    # a few files may all fall in train (the split is by file hash); a saved empty split cannot be read back
+    return dsd if len(dsd['validation']) else split_corpus(dsd['train'], valid_frac=0.05, seed=0)
 
 def is_corpus_dir(path) -> bool:
     "True if `path` holds a corpus saved by `build_corpus` and nothing else (so rebuilding it loses nothing)."
@@ -267,7 +269,7 @@ def write_report(ctx, seconds: dict) -> Path:
 
 # %% ../nbs/19_pipeline.ipynb #4b678218
 NEEDS = dict(corpus=(), tokenizer=(), pretrain=('corpus', 'tokenizer'), sft=('pretrain',), dpo=('sft',), reason=('sft',),
-             eval=('corpus', 'pretrain'), samples=('pretrain',))   # reason starts from dpo when there is one
+             eval=('pretrain',), samples=('pretrain',))   # reason starts from dpo when there is one
 RUN_ENTRIES = set(STAGES) | {'results.json', 'report.md', 'curves.png'}
 
 def finished_marker(ctx, name) -> Path | None:

@@ -1,6 +1,10 @@
 """Sweep: try many bad inputs on the `small-doge` command and count what happens to each.
 
-    python tests/sweep_reliability.py [--workers 2] [--only SUBSTRING] [--keep]
+    python tests/sweep_reliability.py [--workers 2] [--only SUBSTRING] [--table-only] [--timeout S] [--code DIR] [--keep]
+
+`--code DIR` runs the commands of another checkout's `small_doge` (DIR holds its `small_doge/` folder), e.g. the code
+before a fix: `git archive main small_doge | tar -x -C /tmp/before` then `--code /tmp/before --table-only --timeout 120`
+(code without a check may train for minutes where an error was due: the time limit ends such a case, counted as "hang").
 
 It runs every row of `tests/test_reliability.py`'s table, then generated variants: each number a recipe takes, given
 values no run can use (negative, zero where a count is needed, NaN, infinity, text, a list), for every training
@@ -21,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import small_doge  # noqa: F401  (sets up Triton's interpreter on a machine without a GPU)
-from test_reliability import CASES, TINY, build_world, run_case  # noqa: E402
+from test_reliability import CASES, TINY, build_world, close_fork_servers, run_case  # noqa: E402
 
 BAD_COUNTS = ['-5', '0', 'nan', 'inf', 'abc', '[1, 2]', '2.5']      # for fields that count something (>= 1)
 BAD_NUMBERS = ['-5', 'nan', 'inf', '-inf', 'abc', '{{a: 1}}']         # for any number
@@ -74,7 +78,7 @@ def generated() -> list[dict]:
            ('tokenizer', '--out', '{case}', '--corpus', '{user_dir}'), ('tokenizer', '--out', '{case}', '--corpus', 'nope'),
            ('tokenizer', '--out', '{corpus}', '--corpus', '{corpus}'), ('tokenizer', '--out', '{model}', '--corpus', '{corpus}'),
            ('eval', '--model', '{case}'), ('eval', '--model', '{user_dir}'), ('eval', '--model', 'run:nosuch'),
-           ('eval', '--model', '{corpus}'), ('eval', '--model', '{model}', '--max-files', '-1'), ('eval', '--model', '{model}', '--device', 'cuda:7'),
+           ('eval', '--model', '{corpus}'), ('eval', '--model', '{model}', '--limit', '0'), ('eval', '--model', '{model}', '--tasks', 'nosuchtask'), ('eval', '--model', '{model}', '--device', 'cuda:7'),
            ('eval',), ('run', '--preset', 'huge'), ('run', '--stages', 'nope', '--out', '{case}'),
            ('run', '--stages', 'dpo', '--out', '{case}'), ('run', '--stages', 'eval', '--out', '{case}'),
            ('run', '--out', '{user_dir}'), ('run', '--out', '{a_file_txt}'),
@@ -97,26 +101,39 @@ def main():
     ap.add_argument('--workers', type=int, default=2, help='cases run at once (default 2)')
     ap.add_argument('--only', default=None, help='run only the cases whose id contains this')
     ap.add_argument('--keep', action='store_true', help='keep the temporary folder')
+    ap.add_argument('--table-only', action='store_true', help="only the test file's table (the issue's cases), no variants")
+    ap.add_argument('--timeout', type=float, default=300, help='seconds a case may take (default 300)')
+    ap.add_argument('--code', default=None, help="a folder holding another small_doge package to run instead of this one")
     a = ap.parse_args()
-    rows = [r for r in CASES + generated() if a.only is None or a.only in r['id']]
+    rows = [dict(r, timeout=a.timeout) for r in CASES + ([] if a.table_only else generated()) if a.only is None or a.only in r['id']]
     d = Path(tempfile.mkdtemp(prefix='small-doge-sweep-'))
     t0 = time.time()
-    world = build_world(d/'world')
+    world = build_world(d/'world', code=a.code and str(Path(a.code).resolve()))
     print(f'fixture built in {time.time() - t0:.0f} s; {len(rows)} cases, {a.workers} at a time', flush=True)
     def one(i_row):
         i, row = i_row
         t = time.time()
-        outcome, detail = run_case(world, row, d/f'case-{i}')
+        try: outcome, detail = run_case(world, row, d/f'case-{i}')
+        except Exception as e: outcome, detail = 'setup failed', f'{type(e).__name__}: {str(e)[:200]}'   # code without the feature
         return row, outcome, detail, time.time() - t
     results = []
     with ThreadPoolExecutor(a.workers) as pool:
         for row, outcome, detail, secs in pool.map(one, enumerate(rows)):
             results.append((row, outcome, detail))
             print(f'{outcome:20s} {secs:5.1f}s  {row["id"][:70]:70s}  {detail[:150]}', flush=True)
+    close_fork_servers()
     counts = collections.Counter(o for _, o, _ in results)
     print(f'\n{len(results)} cases in {time.time() - t0:.0f} s:', json.dumps(dict(counts.most_common()), indent=1))
+    bad_input = [o for r, o, _ in results if r['rc'] != 0]
+    print('\n| bad inputs tried | clear errors | of them another message | tracebacks | silent wrong results | data lost | hangs | unclear errors | setup failed |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    n = collections.Counter(bad_input)
+    print(f"| {len(bad_input)} | {n['clear error'] + n['other message']} | {n['other message']} | {n['traceback']} | "
+          f"{n['silent wrong result']} | {n['data lost']} | {n['hang']} | {n['unclear error']} | {n['setup failed']} |")
+    ok = collections.Counter(o for r, o, _ in results if r['rc'] == 0)
+    print(f"\nruns that must succeed (resumes, one-file corpora, --overwrite): {sum(ok.values())}: {dict(ok)}")
     if not a.keep: __import__('shutil').rmtree(d, ignore_errors=True)
-    bad = {'traceback', 'silent wrong result', 'data lost', 'hang', 'unclear error', 'failed'}
+    bad = {'traceback', 'silent wrong result', 'data lost', 'hang', 'unclear error', 'failed', 'setup failed'}
     return 1 if bad & set(counts) else 0
 
 
