@@ -245,7 +245,7 @@ class StopAt(TrainerCallback):
 def test_resume_mid_phase_equals_an_uninterrupted_run(tiny_source, tmp_path):
     whole = upcycle(tiny_recipe(tiny_source, tmp_path/'whole'))
     upcycle(tiny_recipe(tiny_source, tmp_path/'split'), callbacks=[StopAt(7)])   # checkpoint-5 is inside phase 2
-    split = upcycle(tiny_recipe(tiny_source, tmp_path/'split', resume_from_checkpoint=True))
+    split = upcycle(tiny_recipe(tiny_source, tmp_path/'split', resume_from_checkpoint=str(tmp_path/'split'/'checkpoint-5')))
     assert split['resumed_from'].endswith('checkpoint-5')
     assert whole['phase_switches'] == [(0, 1), (2, 2), (6, 3), (8, 4)]
     assert split['phase_switches'] == [(5, 2), (6, 3), (8, 4)]
