@@ -9,6 +9,10 @@ from small_doge.doge import DogeConfig, DogeForCausalLM
 
 ENV = {**os.environ, 'PYTHONUNBUFFERED': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 
+def ctrl_c_as_in_a_terminal():
+    "Child setup: a test run started in the background inherits SIGINT ignored, and Python keeps an inherited SIG_IGN."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def cli(*args, stdin=None, timeout=300):
     return subprocess.run([sys.executable, '-m', 'small_doge.cli', *map(str, args)], input=stdin, capture_output=True,
@@ -110,6 +114,7 @@ def test_chat_conversation_bad_bytes_and_a_huge_message(model_dir):
 @pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(model_dir):
     p = subprocess.Popen([sys.executable, '-m', 'small_doge.cli', 'chat', '--model', str(model_dir), '--max-new-tokens', '3500'],
+                         preexec_fn=ctrl_c_as_in_a_terminal,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     seen = bytearray()
     reader = threading.Thread(target=lambda: [seen.extend(b) for b in iter(lambda: p.stdout.read(1), b'')], daemon=True)

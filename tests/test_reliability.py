@@ -109,6 +109,9 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:   # the case: what `python -m small_doge.cli ARGS` (or `python SCRIPT ARGS`) does, in a fresh process
         rc = 1
+        # Ctrl-C as in a terminal: a test run started in the background (`pytest &`, some CI runners) inherits SIGINT
+        # ignored, and Python keeps an inherited SIG_IGN, so the Ctrl-C scenario would test nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             os.chdir(job['cwd'])
             for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, job['stdout'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
