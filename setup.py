@@ -28,9 +28,10 @@ setuptools.setup(
     python_requires='>=' + cfg['min_python'],
     packages=setuptools.find_packages(include=['small_doge', 'small_doge.*']),
     include_package_data=True,
-    package_data={'small_doge': ['recipes/*.yaml', 'recipes/accelerate/*.yaml', 'assets/*']},
+    package_data={'small_doge': ['recipes/*.yaml', 'recipes/accelerate/*.yaml', 'assets/*', 'tasks/*.yaml']},
     install_requires=reqs('requirements'),
-    extras_require={'dev': reqs('dev_requirements'), 'real-tokenizer': reqs('real_tokenizer_requirements')},
+    extras_require={'dev': reqs('dev_requirements'), 'real-tokenizer': reqs('real_tokenizer_requirements'),
+                    'serve': reqs('serve_requirements'), 'eval': reqs('eval_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(), 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

@@ -9,7 +9,7 @@ __all__ = []
 # %% ../nbs/index.ipynb #cec11fc2
 # The package's front door. Submodules import torch and transformers, which takes seconds, so the top-level
 # names resolve lazily: `import small_doge` and `small-doge --help` stay instant, and Triton is never needed.
-import importlib, os
+import importlib, importlib.util, os, sys
 
 # Triton decides at *its own* import whether its built-in helpers (tl.max, tl.sum, ...) are interpreted, and
 # transformers/TRL import Triton as a side effect. Without a GPU Triton can only run in its interpreter, so on such
@@ -17,7 +17,7 @@ import importlib, os
 if not any(os.path.exists(p) for p in ('/dev/nvidiactl', '/dev/kfd')): os.environ.setdefault('TRITON_INTERPRET', '1')
 
 _LAZY = {name: mod for mod, names in {
-    'doge': ['DogeConfig', 'DogeModel', 'DogeForCausalLM', 'DOGE_PRESETS'],
+    'doge': ['DogeConfig', 'DogeModel', 'DogeForCausalLM', 'DogeForSequenceClassification', 'DOGE_PRESETS'],
     'attention': ['dynamic_mask_attention', 'dynamic_bias', 'dynamic_mask'],
     'moe': ['DogeMLP', 'DogeCDMoE'], 'norm': ['RMSNorm'], 'rope': ['DogeRotaryEmbedding'],
     'data': ['pystdlib_corpus', 'pack_dataset'], 'tokenizer': ['train_tokenizer', 'load_tokenizer'],
@@ -29,3 +29,35 @@ def __getattr__(name):
     raise AttributeError(f"module 'small_doge' has no attribute {name!r}")
 
 def __dir__(): return sorted(set(globals()) | set(_LAZY))
+
+# transformers' Auto classes must know model_type "small_doge" (MoE checkpoints) as soon as the package is imported,
+# yet importing transformers here would cost seconds. So we add the name only: when transformers' config registry
+# is imported, it learns that "small_doge" means `small_doge.DogeConfig`, which it fetches (importing
+# small_doge.doge, which registers the model classes) the first time such a checkpoint is loaded.
+_AUTO_CONFIG = 'transformers.models.auto.configuration_auto'
+
+def _teach_transformers(configuration_auto):
+    registry = configuration_auto.CONFIG_MAPPING   # model_type -> config class name, resolved lazily per module
+    try:   # private attributes of transformers 5 (pinned); if they change, importing small_doge.doge still registers
+        registry._mapping = type(registry._mapping)({**registry._mapping, 'small_doge': 'DogeConfig'})
+        registry._modules['small_doge'] = sys.modules[__name__]
+    except AttributeError: pass
+
+class _AfterImport:
+    "A `sys.meta_path` finder that runs `callback(module)` right after `name` is first imported."
+    def __init__(self, name, callback): self.name, self.callback = name, callback
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name: return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            loader, exec_module = spec.loader, spec.loader.exec_module
+            def exec_then_call(module):
+                loader.exec_module = exec_module   # unwrapped again, for any later module of this loader
+                exec_module(module)
+                if module.__name__ == self.name: self.callback(module)
+            loader.exec_module = exec_then_call
+        return spec
+
+if _AUTO_CONFIG in sys.modules: _teach_transformers(sys.modules[_AUTO_CONFIG])
+else: sys.meta_path.insert(0, _AfterImport(_AUTO_CONFIG, _teach_transformers))

@@ -89,16 +89,25 @@ def _recipes_parser(p):
 def _model_arg(p):
     p.add_argument('--model', required=True, help='model directory, run folder or run:<recipe>')
 
-@command('eval', 'evaluate a saved model offline: perplexity, multiple-choice tasks, generation speed')
+@command('eval', 'evaluate a saved model with lm-evaluation-harness: the offline tasks, or any lm-eval task')
 def _eval_parser(p):
     _model_arg(p)
-    p.add_argument('--n-examples', type=int, default=200, help='questions per multiple-choice task')
-    p.add_argument('--max-files', type=int, default=None, help='stdlib files in the validation corpus (default: all)')
+    p.add_argument('--tasks', default=None, help="comma-separated lm-eval tasks, groups or task files (default: the offline "
+                   "tasks, doge_offline; doge_seeds: the seeds' benchmarks, data from the hub)")
+    p.add_argument('--limit', type=int, default=None, help='only the first N examples of each task')
+    p.add_argument('--n-examples', type=int, default=None, help="examples each offline task generates (default: the task's own)")
+    p.add_argument('--out', type=Path, default=None, help='folder for results.json and results.md (default: <model dir>/eval)')
+    p.add_argument('--batch-size', type=int, default=8, help='requests scored in one forward pass')
     p.add_argument('--no-speed', action='store_true', help='skip the generation-speed measurement')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
     def go(a):
         from small_doge.evaluate import evaluate_model
-        return evaluate_model(a.model, n_examples=a.n_examples, max_files=a.max_files, speed=not a.no_speed, device=a.device)
+        from small_doge.sft import resolve_model_path
+        path = Path(resolve_model_path(a.model))
+        out = a.out or (path/'eval' if path.is_dir() else Path('eval')/str(path).replace('/', '--'))
+        return evaluate_model(a.model, tasks=a.tasks.split(',') if a.tasks else None, limit=a.limit, out_dir=out,
+                              batch_size=a.batch_size, device=a.device, speed=not a.no_speed,
+                              metadata=dict(n=a.n_examples) if a.n_examples is not None else None)
     return go
 
 def _sampling(p):
@@ -156,6 +165,20 @@ def main(argv=None):
         print(f'small-doge {args.command}: error: {e}', file=sys.stderr); return 2
     if result is not None: print(json.dumps(result, indent=2, default=str))
     return 0
+
+# %% ../nbs/20_cli.ipynb #b85c53a8
+@command('serve', 'serve a model over an OpenAI-compatible HTTP API, with a chat page at /')
+def _serve_parser(p):
+    _model_arg(p)
+    p.add_argument('--host', default='127.0.0.1', help='address to bind (default: 127.0.0.1, this machine only)')
+    p.add_argument('--port', type=int, default=8000, help='port to listen on (default: 8000)')
+    p.add_argument('--max-batch', type=int, default=8, help='requests decoded together; more wait in a queue (default: 8)')
+    p.add_argument('--api-key', default=None, help='require the header Authorization: Bearer <key> on /v1 (default: open)')
+    p.add_argument('--threads', type=int, default=None, help="torch threads (default: one per core; on a busy shared CPU 1 can be faster)")
+    def go(a):
+        from small_doge.serve import serve
+        serve(a.model, host=a.host, port=a.port, max_batch=a.max_batch, api_key=a.api_key, threads=a.threads)
+    return go
 
 # %% ../nbs/20_cli.ipynb #5cc9bdde
 # `python -m small_doge.cli` (used by `accelerate launch -m`); `__file__` is unset inside the notebook itself

@@ -4,33 +4,39 @@
 
 # %% ../nbs/07_doge.ipynb #bfc581f5
 from __future__ import annotations
-import json, os, re, shutil, tempfile
+import ast, importlib, inspect, json, os, re, shutil, tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          GenerationMixin, PretrainedConfig, PreTrainedModel)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .core import CheckpointError, ConfigError, DataError
+from .core import CheckpointError, ConfigError, DataError, atomic_write
 from .norm import RMSNorm
-from .rope import ROPE_TYPES, DogeRotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq
+from .rope import DogeRotaryEmbedding, apply_rotary_pos_emb
 from .attention import BACKENDS, dynamic_bias, dynamic_mask_attention
 from .moe import DogeCDMoE, DogeMLP, check_moe_config, expert_logits, load_balancing_loss
 
 # %% auto #0
-__all__ = ['DOGE_MODEL_TYPES', 'DOGE_PRESETS', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'check_doge_config', 'DogeConfig',
-           'DogeAttention', 'DogeDecoderLayer', 'check_checkpoint_dir', 'DogePreTrainedModel', 'DogeModel',
-           'DogeForCausalLM']
+__all__ = ['DOGE_MODEL_TYPES', 'REMOTE_CODE_FILE', 'REMOTE_AUTO_MAP', 'DOGE_PRESETS', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME',
+           'ATTN_IMPLEMENTATIONS', 'check_doge_config', 'DogeConfig', 'DogeAttention', 'DogeDecoderLayer',
+           'check_checkpoint_dir', 'DogePreTrainedModel', 'DogeModel', 'DogeForCausalLM',
+           'DogeForSequenceClassification', 'remote_code_source']
 
 # %% ../nbs/07_doge.ipynb #86f4f928
 DOGE_MODEL_TYPES = ('doge', 'small_doge')   # config.json model types whose weights fit these classes
+# an MoE checkpoint's own modelling code, and where its config.json points transformers' Auto classes
+REMOTE_CODE_FILE = 'modeling_small_doge.py'
+REMOTE_AUTO_MAP = {auto: f'{REMOTE_CODE_FILE[:-3]}.{cls}' for auto, cls in [
+    ('AutoConfig', 'DogeConfig'), ('AutoModel', 'DogeModel'), ('AutoModelForCausalLM', 'DogeForCausalLM'),
+    ('AutoModelForSequenceClassification', 'DogeForSequenceClassification')]}
 
 def _positive_int(config, name):
     v = getattr(config, name)
@@ -52,8 +58,7 @@ def check_doge_config(config):
     if config.sliding_window is not None:
         raise ConfigError('sliding_window is not supported: Doge limits attention with keep_window_size')
     if config.attention_dropout: raise ConfigError('attention_dropout must be 0 (dropout on attention weights is not supported)')
-    rope_type = (config.rope_parameters or {}).get('rope_type', 'default')
-    if rope_type not in ROPE_TYPES: raise ConfigError(f'rope_type {rope_type!r} is not one of {ROPE_TYPES}')
+    DogeRotaryEmbedding.from_config(config)   # checks rope_parameters: a known rope_type with the keys it needs
     if config.pad_token_id is not None and not 0 <= config.pad_token_id < config.vocab_size:
         raise ConfigError(f'pad_token_id={config.pad_token_id} is outside the vocabulary [0, {config.vocab_size})')
     if config.is_moe: check_moe_config(config)
@@ -72,6 +77,7 @@ class DogeConfig(PretrainedConfig):
                  num_experts_per_tok=64, norm_topk_prob=False, output_router_logits=False,
                  router_aux_loss_coef=0.001, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                  attn_backend='eager', **kwargs):
+        kwargs.pop('model_type', None)   # describes the file (see `to_dict`), not this class
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.hidden_dropout, self.hidden_act = num_hidden_layers, hidden_dropout, hidden_act
         self.initializer_range, self.rms_norm_eps, self.use_cache = initializer_range, rms_norm_eps, use_cache
@@ -88,8 +94,23 @@ class DogeConfig(PretrainedConfig):
         if is_moe: self.output_router_logits = output_router_logits
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
         self.attn_backend = attn_backend
-        super().__init__(**kwargs)   # also standardises rope_parameters (legacy rope_theta / rope_scaling kwargs)
+        try: super().__init__(**kwargs)   # also standardises rope_parameters (legacy rope_theta / rope_scaling)
+        except (KeyError, ValueError, TypeError) as e: raise ConfigError(f'invalid Doge config: {e}') from e
         check_doge_config(self)
+
+    def to_dict(self) -> dict:
+        "transformers' `to_dict`; `model_type` is `doge` for a dense model (transformers' own class computes it)."
+        d = super().to_dict()
+        d.pop('auto_map', None)
+        if self.is_moe: d['auto_map'] = dict(REMOTE_AUTO_MAP)   # per-token routing: our code ships with the weights
+        else: d['model_type'] = 'doge'
+        return d
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        "Save config.json; an MoE config also writes the self-contained modelling code its `auto_map` names."
+        if self.is_moe:
+            with atomic_write(Path(save_directory)/REMOTE_CODE_FILE) as f: f.write(remote_code_source())
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def __eq__(self, other):   # transformers' dataclass __eq__ would compare only the base-class fields
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
@@ -153,7 +174,8 @@ class DogeAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values: Cache | None = None):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values: Cache | None = None,
+                output_attentions: bool = False):
         B, L, _ = hidden_states.shape
         heads = (B, L, -1, self.head_dim)
         q = self.q_norm(self.q_proj(hidden_states).view(heads)).transpose(1, 2)   # [B, H, L, D]
@@ -161,16 +183,22 @@ class DogeAttention(nn.Module):
         v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         q, k = q.to(v.dtype), k.to(v.dtype)   # under autocast cos/sin stay fp32 while projections are bf16
-        if past_key_values is not None: k, v = past_key_values.update(k, v, self.layer_idx)
+        if past_key_values is not None:
+            n_keys = past_key_values.get_seq_length(self.layer_idx) + L
+            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = k[:, :, :n_keys], v[:, :, :n_keys]   # a static cache returns its whole preallocated length
         bias = dynamic_bias(v, self.dt_proj.weight, self.A, self.dt_proj.bias)   # [B, Hkv, Sk], all keys
-        out = dynamic_mask_attention(q, k, v, bias, keep_window_size=self.config.keep_window_size,
-                                     attention_mask=attention_mask, scaling=self.scaling,
-                                     backend=self.config.attn_backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        kw = dict(keep_window_size=self.config.keep_window_size, attention_mask=attention_mask, scaling=self.scaling)
+        out = dynamic_mask_attention(q, k, v, bias, backend=self.config.attn_backend, **kw)
+        weights = None
+        if output_attentions:   # the weights are the output for identity values: the same code computes them
+            eye = torch.eye(k.shape[2], dtype=v.dtype, device=v.device).expand(B, v.shape[1], -1, -1)
+            weights = dynamic_mask_attention(q, k, eye, bias, backend='eager', **kw)   # [B, H, L, Sk]
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), weights
 
 # %% ../nbs/07_doge.ipynb #52648f01
 class DogeDecoderLayer(GradientCheckpointingLayer):
-    "Pre-norm attention + (CD)MoE block with per-channel residual scales; returns (hidden, router_logits or None)."
+    "Pre-norm attention + (CD)MoE block with residual scales; returns (hidden, router_logits, attention weights)."
     def __init__(self, config: DogeConfig, layer_idx: int):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
@@ -181,15 +209,17 @@ class DogeDecoderLayer(GradientCheckpointingLayer):
         self.mlp = DogeCDMoE(config) if config.is_moe else DogeMLP(config)
         self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values)
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                output_attentions=False, **kwargs):
+        attn, weights = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                                       past_key_values, output_attentions)
         h = self.input_residual * hidden_states + F.dropout(attn, self.hidden_dropout, self.training)
         mlp_out = self.mlp(self.post_attention_layernorm(h))
         mlp_out, router_logits = mlp_out if isinstance(mlp_out, tuple) else (mlp_out, None)
-        return self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training), router_logits
+        h = self.post_attention_residual * h + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        return h, router_logits, weights
 
 # %% ../nbs/07_doge.ipynb #7fd3d9dc
-_ROUTER_KEYS = re.compile(r'\.mlp\.(router_gate|down_embed|up_embed)\.weight$')
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = 'model.safetensors', 'model.safetensors.index.json'
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -223,13 +253,21 @@ def check_checkpoint_dir(path) -> Path:
     return path
 
 # %% ../nbs/07_doge.ipynb #9caf7628
+ATTN_IMPLEMENTATIONS = ('eager', 'sdpa')   # transformers' `attn_implementation` values we map onto `attn_backend`
+
+def _check_finite(model, source):
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.device.type != 'meta' and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f'{source}: tensor {name} holds NaN or inf values')
+
 class DogePreTrainedModel(PreTrainedModel):
-    "Base class: config class, weight init, safetensors-only checked loading and atomic saving."
+    "Base class: config class, weight init, attention choice, lenient but checked loading, atomic saving."
     config_class = DogeConfig
     base_model_prefix = 'model'
     supports_gradient_checkpointing = True
     _no_split_modules = ['DogeDecoderLayer']
     _skip_keys_device_placement = ['past_key_values']
+    _supports_sdpa, _supports_flash_attn, _supports_flex_attn = True, False, False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -246,29 +284,50 @@ class DogePreTrainedModel(PreTrainedModel):
         elif isinstance(module, DogeDecoderLayer):
             init.ones_(module.input_residual); init.ones_(module.post_attention_residual)
         elif isinstance(module, DogeRotaryEmbedding):   # non-persistent buffers: rebuilt after meta-device loading
-            inv_freq = compute_inv_freq(module.head_dim, module.base, device=module.inv_freq.device)
+            inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
             init.copy_(module.inv_freq, inv_freq); init.copy_(module.original_inv_freq, inv_freq)
+
+    @staticmethod
+    def _check_attn_implementation(name):
+        if name is not None and name not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f'attn_implementation={name!r} is not supported: Doge runs Dynamic Mask Attention, with '
+                              f"attn_implementation in {ATTN_IMPLEMENTATIONS} (or attn_backend='triton')")
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        "`attn_implementation='eager'|'sdpa'` picks `config.attn_backend`; None keeps it ('triton' reports 'eager')."
+        if attn_implementation is None: return 'sdpa' if self.config.attn_backend == 'sdpa' else 'eager'
+        self._check_attn_implementation(attn_implementation)
+        self.config.attn_backend = attn_implementation
+        return attn_implementation
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool: return True   # `set_attn_implementation` switches the backend
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        "Load safetensors weights; a bad local checkpoint raises one `CheckpointError` naming the problem."
+        "Load safetensors weights as leniently as transformers; a bad checkpoint raises one `CheckpointError`."
         name = str(pretrained_model_name_or_path)
-        local = Path(name).expanduser().exists() or not _looks_like_hub_id(name)
+        cls._check_attn_implementation(kwargs.get('attn_implementation'))   # a bad argument, not a bad checkpoint
+        local = pretrained_model_name_or_path is not None and (Path(name).expanduser().exists() or not _looks_like_hub_id(name))
         if local: check_checkpoint_dir(name)
         want_info = kwargs.pop('output_loading_info', False)
-        kwargs.setdefault('use_safetensors', True)
-        try: model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        refuse_mismatch = not kwargs.pop('ignore_mismatched_sizes', False)   # transformers' switch, our clear error
+        if pretrained_model_name_or_path is not None: kwargs.setdefault('use_safetensors', True)
+        try: model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True, **kwargs)
         except CheckpointError: raise
         except ConfigError as e: raise CheckpointError(f'{name}: invalid config: {e}') from e
         except (OSError, RuntimeError, ValueError) as e:
             if not local: raise
             raise CheckpointError(f'could not load checkpoint {name}: {e}') from e
-        missing = sorted(k for k in info.get('missing_keys', []) if not _ROUTER_KEYS.search(k))
-        unexpected = sorted(k for k in info.get('unexpected_keys', []) if not _ROUTER_KEYS.search(k))
-        mismatched = sorted(map(str, info.get('mismatched_keys', [])))
-        if missing or unexpected or mismatched:
-            raise CheckpointError(f'weights in {name} do not fit its config: missing {missing[:5]}, '
-                                  f'unexpected {unexpected[:5]}, mismatched {mismatched[:5]}')
+        if refuse_mismatch and info.get('mismatched_keys'):
+            shapes = sorted(f'{k} {tuple(a)} in the file, {tuple(b)} in the model' for k, a, b in info['mismatched_keys'])
+            raise CheckpointError(f'weights in {name} do not fit its config: {"; ".join(shapes[:3])}')
+        missing = set(info.get('missing_keys', ()))
+        if all(n in missing for n, _ in model.named_parameters()):
+            raise CheckpointError(f'no weight in {name} fits a Doge model: unexpected keys '
+                                  f'{sorted(info.get("unexpected_keys", ()))[:5]}')
+        _check_finite(model, name)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -287,7 +346,7 @@ class DogeModel(DogePreTrainedModel):
     def __init__(self, config: DogeConfig):
         super().__init__(config)
         check_doge_config(config)
-        self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
+        self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -295,54 +354,84 @@ class DogeModel(DogePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_len):
+    def _check_inputs(self, input_ids, inputs_embeds):
+        x, name = (input_ids, 'input_ids') if input_ids is not None else (inputs_embeds, 'inputs_embeds')
+        shape, want = tuple(x.shape), ('[batch, seq]' if input_ids is not None else '[batch, seq, hidden_size]')
+        if input_ids is not None and x.dtype.is_floating_point or x.dim() != len(want.split(',')):
+            raise DataError(f'{name} must be {"integer ids" if input_ids is not None else "vectors"} of shape {want}, '
+                            f'got {x.dtype} {shape} (one sequence: add a batch dimension, x[None])')
+        if 0 in shape[:2]: raise DataError(f'{name} is empty, shape {shape}: need at least one sequence of one token')
         if input_ids is not None:
-            if input_ids.dtype.is_floating_point or input_ids.dim() != 2:
-                raise DataError(f'input_ids must be integer ids of shape [batch, seq], got {input_ids.dtype} '
-                                f'{tuple(input_ids.shape)}')
-            if input_ids.numel():
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)]
-                if bad.numel(): raise DataError(f'token id {bad[0].item()} is outside the vocabulary [0, {self.vocab_size})')
-        B, L = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past_len + L):
-            raise DataError(f'attention_mask must be 2-D [batch, past + seq] = {(B, past_len + L)} (1 = token, '
-                            f'0 = padding), got {tuple(attention_mask.shape)}')
-        if self.rotary_emb.rope_type != 'dynamic' and position_ids.numel():
-            n = int(position_ids.max()) + 1
-            if n > self.config.max_position_embeddings:
-                raise DataError(f'sequence needs {n} positions but max_position_embeddings='
-                                f'{self.config.max_position_embeddings} and RoPE is not scaled '
-                                "(set rope_parameters={'rope_type': 'dynamic', 'factor': ...} to go beyond)")
+            vocab = self.embed_tokens.num_embeddings   # not config.vocab_size at init: resize_token_embeddings changes it
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+            if bad.numel(): raise DataError(f'token id {bad[0].item()} is outside the vocabulary [0, {vocab})')
+        else:
+            if shape[-1] != self.config.hidden_size:
+                raise DataError(f'inputs_embeds must have hidden_size={self.config.hidden_size} features, got {shape}')
+            finite = torch.isfinite(inputs_embeds).all(-1)
+            if not bool(finite.all()):
+                b, t = (~finite).nonzero()[0].tolist()
+                raise DataError(f'inputs_embeds holds NaN or inf (batch {b}, position {t}): it would spread to every logit')
+
+    @staticmethod
+    def _padding_mask(attention_mask, B, past_len, L):
+        "The 2-D mask [B, past + L] (1 = token, None = no padding), also from transformers' 4-D causal masks."
+        if attention_mask is None: return None
+        n = past_len + L
+        if attention_mask.dim() == 4:   # generate() with a static cache passes [B, 1, L, cache length], bool or additive
+            m, msg = attention_mask, "a 4-D attention_mask must be the causal mask with padding (what transformers builds)"
+            if m.shape[0] != B or m.shape[1] != 1 or m.shape[2] != L or m.shape[3] < n:
+                raise DataError(f'{msg}, of shape [batch, 1, seq, >= past + seq] = [{B}, 1, {L}, >={n}]; got {tuple(m.shape)}')
+            if m.dtype != torch.bool and not bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()):
+                raise DataError(f'{msg}: additive values must be 0 (attend) or a large negative number (masked)')
+            allowed = (m if m.dtype == torch.bool else m == 0)[:, 0, :, :n]
+            attention_mask = allowed[:, -1]   # the last query sees every real key
+            causal = torch.arange(n, device=m.device)[None] <= torch.arange(past_len, n, device=m.device)[:, None]
+            real = attention_mask[:, past_len:]   # rows of padding queries are left free
+            if not torch.equal(allowed[real], (causal[None] & attention_mask[:, None])[real]):
+                raise DataError(f'{msg}; Doge takes no other attention pattern')
+        if tuple(attention_mask.shape) != (B, n):
+            raise DataError(f'attention_mask must be 2-D [batch, past + seq] = {(B, n)} (1 = token, 0 = padding), '
+                            f'got {tuple(attention_mask.shape)}')
+        return None if bool(attention_mask.all()) else attention_mask
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_router_logits=None, output_hidden_states=None, **kwargs):
+                inputs_embeds=None, use_cache=None, output_router_logits=None, output_hidden_states=None,
+                output_attentions=None, return_dict=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise DataError('pass exactly one of input_ids or inputs_embeds')
-        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
+        cfg = self.config   # transformers' convention: an argument left at None takes the config's value
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training: use_cache = False
-        if use_cache and past_key_values is None: past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        L = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if use_cache and past_key_values is None: past_key_values = DynamicCache(config=cfg)
+        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds)
+        B, L = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        attention_mask = self._padding_mask(attention_mask, B, past_len, L)
         if position_ids is None:
             device = (input_ids if input_ids is not None else inputs_embeds).device
             position_ids = torch.arange(past_len, past_len + L, device=device)[None]
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_len)
-        if attention_mask is not None and bool(attention_mask.all()): attention_mask = None   # no padding
         output_router_logits = bool(output_router_logits) and self.config.is_moe
 
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         position_embeddings = self.rotary_emb(h, position_ids)
-        all_hidden, all_router = [], []
+        all_hidden, all_router, all_attn = [], [], []
         for layer in self.layers:
             if output_hidden_states: all_hidden.append(h)
-            h, router_logits = layer(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                                     past_key_values=past_key_values)
+            h, router_logits, weights = layer(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                                              past_key_values=past_key_values, output_attentions=output_attentions)
             if output_router_logits: all_router.append(expert_logits(router_logits))
+            if output_attentions: all_attn.append(weights)
         h = self.norm(h)
         if output_hidden_states: all_hidden.append(h)
-        return MoeModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=tuple(all_hidden) if output_hidden_states else None,
-                                      router_logits=tuple(all_router) if output_router_logits else None)
+        out = MoeModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None,
+                                     hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                                     attentions=tuple(all_attn) if output_attentions else None,
+                                     router_logits=tuple(all_router) if output_router_logits else None)
+        return out if return_dict else out.to_tuple()
 
 # %% ../nbs/07_doge.ipynb #4bf997cf
 _LOSS_KWARGS = ('num_items_in_batch', 'ignore_index', 'shift_labels')
@@ -354,38 +443,92 @@ class DogeForCausalLM(DogePreTrainedModel, GenerationMixin):
     def __init__(self, config: DogeConfig):
         super().__init__(config)
         self.model = DogeModel(config)
-        self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_router_logits=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
         if output_router_logits is None: output_router_logits = getattr(self.config, 'output_router_logits', False)
         output_router_logits = bool(output_router_logits) and self.config.is_moe
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_router_logits=output_router_logits, output_hidden_states=output_hidden_states)
+                         output_router_logits=output_router_logits, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, return_dict=True)
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep])
+        vocab = logits.shape[-1]   # the head's current size (resize_token_embeddings changes it)
         loss = aux_loss = None
         if labels is not None:
-            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.vocab_size))]
-            if bad.numel(): raise DataError(f'label {bad[0].item()} is outside the vocabulary [0, {self.vocab_size})')
-            loss = self.loss_function(logits, labels, self.vocab_size,
-                                      **{k: v for k, v in kwargs.items() if k in _LOSS_KWARGS})
-        if output_router_logits:
-            mask = attention_mask[:, -h.shape[1]:] if attention_mask is not None else None
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab))]
+            if bad.numel(): raise DataError(f'label {bad[0].item()} is outside the vocabulary [0, {vocab})')
+            loss = self.loss_function(logits, labels, vocab, **{k: v for k, v in kwargs.items() if k in _LOSS_KWARGS})
+        if output_router_logits:   # a 4-D mask (static-cache generation) counts every position
+            mask = attention_mask[:, -h.shape[1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
             aux_loss = load_balancing_loss(out.router_logits, self.config.num_experts,
                                            self.config.num_experts_per_tok, mask)
             if loss is not None: loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
         result = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                            past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                                           router_logits=out.router_logits)
-        return result if return_dict is not False else result.to_tuple()
+                                           attentions=out.attentions, router_logits=out.router_logits)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if return_dict else result.to_tuple()
+
+    def generate(self, inputs=None, *args, **kwargs):
+        "`GenerationMixin.generate`, checking the prompt first: 1-D or empty ids are a `DataError`, not an IndexError."
+        ids = inputs if inputs is not None else kwargs.get('input_ids')
+        if isinstance(ids, torch.Tensor) and kwargs.get('inputs_embeds') is None: self.model._check_inputs(ids, None)
+        return super().generate(inputs, *args, **kwargs)
+
+# %% ../nbs/07_doge.ipynb #45271d71
+class DogeForSequenceClassification(GenericForSequenceClassification, DogePreTrainedModel):
+    "Doge + a linear `score` head read at each sequence's last non-padding token (transformers' generic classifier)."
+    def __init__(self, config: DogeConfig):
+        DogePreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DogeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
 
 # %% ../nbs/07_doge.ipynb #924adec3
 AutoConfig.register(DogeConfig.model_type, DogeConfig, exist_ok=True)
 AutoModel.register(DogeConfig, DogeModel, exist_ok=True)
 AutoModelForCausalLM.register(DogeConfig, DogeForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(DogeConfig, DogeForSequenceClassification, exist_ok=True)
+
+# %% ../nbs/07_doge.ipynb #b99f9cf7
+# what the standalone module takes from each library module (None: every top-level definition)
+_REMOTE_PARTS = {'core': {'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write'},
+                 'norm': None, 'rope': None, 'attention': None, 'moe': None, 'doge': None}
+
+def _bound_names(node) -> set:
+    "Names a top-level statement defines (def, class, assignment, import)."
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split('.')[0] for a in node.names}
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, 'target', None)]
+    return {n.id for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+def remote_code_source() -> str:
+    "One self-contained module (torch, transformers, stdlib) with this model, assembled from the library's source."
+    if Path(globals().get('__file__', '')).name == REMOTE_CODE_FILE: return Path(__file__).read_text()   # we are it
+    imports, body = {}, []
+    for module, keep in _REMOTE_PARTS.items():
+        src = inspect.getsource(importlib.import_module(f'small_doge.{module}'))
+        lines = src.splitlines()
+        for node in ast.parse(src).body:
+            start = min([node.lineno] + [d.lineno for d in getattr(node, 'decorator_list', [])])
+            text = '\n'.join(lines[start - 1:node.end_lineno])
+            if isinstance(node, (ast.Import, ast.ImportFrom)):   # relative ones are the parts inlined here
+                if not (getattr(node, 'level', 0) or getattr(node, 'module', '') == '__future__'):
+                    imports[text] = _bound_names(node)
+            elif isinstance(node, ast.Expr) or '__all__' in _bound_names(node): continue   # docstrings, Auto registration
+            elif keep is None or _bound_names(node) & keep: body.append(text)
+    used = {n.id for n in ast.walk(ast.parse('\n\n'.join(body))) if isinstance(n, ast.Name)}
+    version = importlib.import_module('small_doge').__version__
+    header = (f'"""Doge modelling code, generated by small_doge {version} from its modules {", ".join(_REMOTE_PARTS)}.'
+              '\n\nSaved beside MoE weights so that transformers loads them with `trust_remote_code=True`, without '
+              'small_doge.\nDo not edit: the lessons of small_doge are the source."""')
+    return '\n\n'.join([header, 'from __future__ import annotations',
+                        '\n'.join(t for t, names in imports.items() if names & used), *body]) + '\n'

@@ -11,10 +11,10 @@ from pathlib import Path
 from .core import ConfigError, DataError, atomic_write, seed_everything, in_test
 
 # %% auto #0
-__all__ = ['TRAINING_STAGES', 'PRESETS', 'SAMPLE_PROMPTS', 'STAGES', 'CURVES', 'Preset', 'corpus_summary', 'load_corpus',
-           'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer', 'stage_pretrain',
-           'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples', 'measured_effects', 'plot_curves',
-           'write_report', 'reuse_stage', 'run_pipeline']
+__all__ = ['TRAINING_STAGES', 'PRESETS', 'EVAL_LIMIT', 'SAMPLE_PROMPTS', 'STAGES', 'CURVES', 'Preset', 'corpus_summary',
+           'load_corpus', 'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer',
+           'stage_pretrain', 'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples',
+           'measured_effects', 'plot_curves', 'eval_table', 'write_report', 'reuse_stage', 'run_pipeline']
 
 # %% ../nbs/19_pipeline.ipynb #a75e5f28
 @dataclass
@@ -113,13 +113,18 @@ def stage_reason(ctx): return _train(ctx, 'reason', model_path=str(ctx.artifacts
 def _final_model(ctx):
     return next(ctx.artifacts[s] for s in reversed(TRAINING_STAGES) if s in ctx.artifacts)
 
+EVAL_LIMIT = 100   # examples of each offline task (the arithmetic problems are those the reason recipe holds out)
+
 def stage_eval(ctx):
-    "The offline evaluation suite on the pretrained and the final model (same corpus, same questions)."
+    "lm-eval's offline tasks (`small_doge.evaluate`) on the pretrained and the final model, into `<run>/eval/<model>`."
     from small_doge.evaluate import evaluate_model
-    corpus = load_corpus(ctx.artifacts['corpus'])
+    from small_doge.runs import as_recipe
+    recipe = ctx.preset.recipes.get('reason')
+    reason = as_recipe(recipe, 'reason', **ctx.preset.overrides.get('reason', {})) if recipe else None
+    arithmetic = {k: getattr(reason, k) for k in ('min_operands', 'max_operands', 'max_value', 'ops')} if reason else None
     models = {'pretrained': ctx.artifacts['pretrain'], 'final': _final_model(ctx)}
-    return {name: evaluate_model(str(path), n_examples=100, corpus=corpus, speed=name == 'final', progress=False)
-            for name, path in models.items()}
+    return {name: evaluate_model(str(path), limit=EVAL_LIMIT, out_dir=ctx.out_dir/'eval'/name, speed=name == 'final',
+                                 metadata=arithmetic) for name, path in models.items()}
 
 SAMPLE_PROMPTS = dict(text=['def read_config(path):\n', 'The standard library'],
                       chat=['What does `json.dumps` do?', 'What does `os.path.join` do?'])
@@ -212,6 +217,19 @@ def plot_curves(results: dict, path) -> Path | None:
     plt.close(fig)
     return Path(path)
 
+def eval_table(results: dict) -> list[str]:
+    "Markdown lines of the eval stage's lm-eval scores: a row per task and metric, a column per model ([] without eval)."
+    ev = results.get('eval') or {}
+    rows = {}
+    for model, info in ev.items():
+        for task, scores in info.get('scores', {}).items():
+            for metric, value in scores.items():
+                if not metric.endswith('_stderr'): rows.setdefault((task, metric), {})[model] = value
+    if not rows: return []
+    lines = ['| task | metric | ' + ' | '.join(ev) + ' |', '|---|---|' + '---:|' * len(ev)]
+    return lines + [f'| {task} | {metric} | ' + ' | '.join(f'{v[m]:.3f}' if m in v else '' for m in ev) + ' |'
+                    for (task, metric), v in rows.items()]
+
 def write_report(ctx, seconds: dict) -> Path:
     "Write `results.json`, `curves.png` and `report.md` (measured effects first) into the run folder, atomically."
     with atomic_write(ctx.out_dir/'results.json') as f:
@@ -221,6 +239,8 @@ def write_report(ctx, seconds: dict) -> Path:
         lines += ['## Measured effects (held-out data)', '', '| stage | claim | measured | holds |', '|---|---|---|---|']
         lines += [f"| {e['stage']} | {e['claim']} | {e['measured']} | {'yes' if e['holds'] else '**no**'} |" for e in effects]
         lines.append('')
+    if table := eval_table(ctx.results):
+        lines += [f'## Evaluation (lm-eval, offline tasks, first {EVAL_LIMIT} examples each; `eval/<model>/results.md`)', '', *table, '']
     if plot_curves(ctx.results, ctx.out_dir/'curves.png'): lines += ['![training curves](curves.png)', '']
     lines += ['## Stages', '', '| stage | seconds |', '|---|---|'] + [f'| {k} | {v:.1f} |' for k, v in seconds.items()]
     for name, info in ctx.results.items():
@@ -251,6 +271,9 @@ def run_pipeline(preset='tiny', out_dir=None, stages=None) -> dict:
         preset = PRESETS[preset]
     stages = list(stages or preset.stages)
     if bad := [s for s in stages if s not in STAGES]: raise ConfigError(f'unknown stages {bad}; choose from {list(STAGES)}')
+    if 'eval' in stages:   # before hours of training
+        from small_doge.evaluate import require_lm_eval
+        require_lm_eval()
     ctx = RunContext(preset, Path(out_dir or Path('runs')/preset.name))
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     for name in preset.stages:   # stages not asked for: what an earlier run into this folder left, if anything

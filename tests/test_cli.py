@@ -59,7 +59,9 @@ def test_tiny_run_shows_the_four_effects(tmp_path):
     reason = json.loads((tmp_path/'run'/'reason'/'results.json').read_text())
     assert reason['accuracy_after_sft'] > reason['accuracy_start'] + 0.1 and reason['format_rate_after_grpo'] >= 0.9, reason
     assert reason['grpo_sampled_gain'] > 0 and reason['accuracy_after_grpo'] >= reason['accuracy_after_sft'] - 0.05, reason
-    for f in ('report.md', 'results.json', 'curves.png', 'reason/model/model.safetensors'): assert (tmp_path/'run'/f).exists(), f
+    for f in ('report.md', 'results.json', 'curves.png', 'reason/model/model.safetensors', 'eval/final/results.json'):
+        assert (tmp_path/'run'/f).exists(), f
+    assert '| doge_arithmetic | acc |' in (tmp_path/'run'/'report.md').read_text()   # lm-eval's results in the report
 
 def test_bad_input_is_one_clear_error(tmp_path):
     r = small_doge('corpus', '--out', tmp_path/'c', '--files', tmp_path/'missing.txt', home=tmp_path, check=False)
@@ -93,8 +95,9 @@ def test_generate_chat_eval(tiny_model_dir, tmp_path):
                        input='hello\n/exit\n', capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count('doge> ') == 1   # one reply to the one message, then /exit
-    out = json.loads(small_doge('eval', '--model', tiny_model_dir, '--n-examples', 8, '--max-files', 300, '--no-speed', home=tmp_path).stdout)
-    assert out['perplexity']['ppl'] > 1 and out['multiple_choice']
+    out = json.loads(small_doge('eval', '--model', tiny_model_dir, '--n-examples', 8, '--out', tmp_path/'eval', '--no-speed', home=tmp_path).stdout)
+    assert out['scores']['doge_stdlib_perplexity']['bits_per_byte'] > 0 and len(out['scores']) == 5
+    assert (tmp_path/'eval'/'results.json').exists() and 'doge_next_line' in (tmp_path/'eval'/'results.md').read_text()
 
 def test_stage_command_rejects_bad_recipe(tmp_path):
     r = small_doge('pretrain', '--config', 'pretrain-tiny-cpu', '--set', 'lerning_rate=1', home=tmp_path, check=False)

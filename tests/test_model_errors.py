@@ -38,7 +38,9 @@ def ckpt(tmp_path_factory, tiny):
     (dict(vocab_size=-3), 'vocab_size'),
     (dict(pad_token_id=40000), 'pad_token_id'),
     (dict(sliding_window=128), 'sliding_window'),
-    (dict(rope_parameters={'rope_type': 'yarn', 'factor': 2.0}), 'rope_type'),
+    (dict(rope_parameters={'rope_type': 'nope'}), 'rope_type'),
+    (dict(rope_parameters={'rope_type': 'dynamic'}), 'factor'),
+    (dict(rope_parameters={'rope_type': 'yarn'}), 'factor'),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(ConfigError, match=msg): DogeConfig(**kw)
@@ -66,14 +68,14 @@ def test_float_ids(tiny):
     with pytest.raises(DataError, match='integer ids'): tiny(torch.ones(1, 3))
 
 
-def test_sequence_longer_than_positions(tiny):
-    with pytest.raises(DataError, match='max_position_embeddings=256'): tiny(torch.zeros(1, 257, dtype=torch.long))
-    # also when the overflow comes from the cache
+def test_sequence_longer_than_positions_runs_as_in_transformers(tiny):
+    "RoPE extrapolates past max_position_embeddings (transformers allows it); the CLI keeps prompts inside."
     from transformers.cache_utils import DynamicCache
-    cache = DynamicCache()
-    with torch.no_grad(): tiny(torch.zeros(1, 250, dtype=torch.long), past_key_values=cache, use_cache=True)
-    with pytest.raises(DataError, match='needs 257 positions'):
-        tiny(torch.zeros(1, 7, dtype=torch.long), past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        assert tiny(torch.zeros(1, 257, dtype=torch.long)).logits.shape == (1, 257, 512)
+        cache = DynamicCache()
+        tiny(torch.zeros(1, 250, dtype=torch.long), past_key_values=cache, use_cache=True)
+        assert tiny(torch.zeros(1, 7, dtype=torch.long), past_key_values=cache, use_cache=True).logits.shape[1] == 7
 
 
 def test_dynamic_rope_allows_longer_sequences():
@@ -85,7 +87,9 @@ def test_dynamic_rope_allows_longer_sequences():
 def test_bad_masks_and_labels(tiny):
     ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(DataError, match='attention_mask must be 2-D'): tiny(ids, attention_mask=torch.ones(2, 4))
-    with pytest.raises(DataError, match='attention_mask must be 2-D'): tiny(ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(DataError, match='attention_mask must be 2-D'): tiny(ids, attention_mask=torch.ones(2, 5, 5))
+    with pytest.raises(DataError, match='causal mask with padding'): tiny(ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(DataError, match='causal mask with padding'): tiny(ids, attention_mask=torch.ones(2, 1, 4, 5))
     with pytest.raises(DataError, match='label 600'): tiny(ids, labels=torch.full((2, 5), 600))
     with pytest.raises(DataError, match='exactly one'): tiny()
 
@@ -159,12 +163,19 @@ def test_invalid_config_in_checkpoint(ckpt, tmp_path):
 
 def test_weights_do_not_fit_config(ckpt, tmp_path):
     d = _copy(ckpt, tmp_path/'c')
-    cfg = json.loads((d/'config.json').read_text()); cfg['num_hidden_layers'] = 3   # one layer's weights missing
+    cfg = json.loads((d/'config.json').read_text()); cfg['intermediate_size'] = 96    # shapes differ
     (d/'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match='do not fit'): DogeForCausalLM.from_pretrained(d)
-    cfg['num_hidden_layers'] = 2; cfg['intermediate_size'] = 96                     # shapes differ
+    with pytest.raises(CheckpointError, match=r'do not fit its config: model\.layers\.0\.mlp\.down_proj\.weight '
+                                              r'\(64, 128\) in the file, \(64, 96\) in the model'):
+        DogeForCausalLM.from_pretrained(d)
+
+
+def test_missing_layer_is_initialised_and_reported_as_in_transformers(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path/'c')
+    cfg = json.loads((d/'config.json').read_text()); cfg['num_hidden_layers'] = 3    # one layer's weights missing
     (d/'config.json').write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError): DogeForCausalLM.from_pretrained(d)
+    _, info = DogeForCausalLM.from_pretrained(d, output_loading_info=True)
+    assert info['missing_keys'] and all(k.startswith('model.layers.2.') for k in info['missing_keys'])
 
 
 def test_errors_share_a_base():

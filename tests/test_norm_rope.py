@@ -8,7 +8,7 @@ from transformers.models.doge import modeling_doge as hf
 
 from small_doge.core import ConfigError
 from small_doge.norm import RMSNorm
-from small_doge.rope import DogeRotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq, rotate_half
+from small_doge.rope import DogeRotaryEmbedding, RopeConfig, apply_rotary_pos_emb, default_rope_parameters, rotate_half
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -63,7 +63,7 @@ def test_rope_relative_position_invariance(half, m, n, s, seed):
     g = torch.Generator().manual_seed(seed)
     d = 2 * half
     q, k = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    inv = compute_inv_freq(d).double()
+    inv = DogeRotaryEmbedding(d).inv_freq.double()
     a, b = _rot(q, m, inv) @ _rot(k, n, inv), _rot(q, m + s, inv) @ _rot(k, n + s, inv)
     assert abs(a - b) <= 1e-8 * (1 + q.norm() * k.norm())
     assert torch.allclose(_rot(q, m, inv).norm(), q.norm())   # rotations keep length
@@ -102,12 +102,21 @@ def test_rope_config_forms_and_errors():
         rope_theta, rope_scaling = 1e5, {'type': 'dynamic', 'factor': 2.0}
     r = DogeRotaryEmbedding.from_config(Legacy())
     assert (r.rope_type, r.factor, r.base, r.head_dim, r.original_max_seq_len) == ('dynamic', 2.0, 1e5, 16, 128)
-    with pytest.raises(ConfigError, match='linear'): DogeRotaryEmbedding(16, scaling={'rope_type': 'linear', 'factor': 2})
+    assert DogeRotaryEmbedding(16, scaling={'rope_type': 'linear', 'factor': 2}).rope_type == 'linear'
+    with pytest.raises(ConfigError, match='nope'): DogeRotaryEmbedding(16, scaling={'rope_type': 'nope'})
     with pytest.raises(ConfigError, match='factor'): DogeRotaryEmbedding(16, scaling={'rope_type': 'dynamic'})
+    with pytest.raises(ConfigError, match='short_factor'): DogeRotaryEmbedding(16, scaling={'rope_type': 'longrope', 'factor': 2.0})
     with pytest.raises(ConfigError, match='even'): DogeRotaryEmbedding(7)
     bad = DogeConfig(hidden_size=64, num_attention_heads=4,
                      rope_parameters={'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5})
     with pytest.raises(ConfigError, match='partial'): DogeRotaryEmbedding.from_config(bad)
+
+
+def test_default_rope_parameters_is_transformers_default():
+    cfg = DogeConfig(hidden_size=96, num_attention_heads=3, rope_parameters={'rope_type': 'default', 'rope_theta': 5e5})
+    ours, scale = default_rope_parameters(RopeConfig(32, 2048, dict(cfg.rope_parameters)))
+    theirs, their_scale = hf.DogeRotaryEmbedding.compute_default_rope_parameters(cfg)
+    assert torch.equal(ours, theirs) and scale == their_scale == 1.0
 
 
 def test_rope_buffers_not_persistent():

@@ -174,14 +174,17 @@ def test_moe_gradients_match_native_single_token():
 
 
 def test_auto_classes_keep_native_doge_and_load_ours(native_dir, tmp_path):
-    "Registering small_doge must not hijack transformers' own `doge`; our checkpoints round-trip through Auto."
+    """Registering small_doge must not hijack transformers' own `doge`. Our dense checkpoints are saved as `doge` (so
+    Auto gives transformers' class, with the same weights); our MoE ones as `small_doge` (Auto gives ours)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     d, _ = native_dir
     assert type(AutoModelForCausalLM.from_pretrained(d)) is HFDogeForCausalLM
     assert type(AutoConfig.for_model('doge')) is HFDogeConfig
     assert type(AutoModelForCausalLM.from_config(HFDogeConfig(**_kw()))) is HFDogeForCausalLM
-    ours = DogeForCausalLM(DogeConfig(**_kw()))
-    ours.save_pretrained(tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(back) is DogeForCausalLM and type(back.config) is DogeConfig
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
+    assert type(AutoModelForCausalLM.from_config(DogeConfig(**_kw()))) is DogeForCausalLM
+    for kw, cls in ((_kw(), HFDogeForCausalLM), (_kw(**MOE), DogeForCausalLM)):
+        ours = DogeForCausalLM(DogeConfig(**kw))
+        ours.save_pretrained(tmp_path/cls.__module__)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path/cls.__module__)
+        assert type(back) is cls
+        assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
