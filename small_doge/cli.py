@@ -4,13 +4,13 @@
 
 # %% ../nbs/20_cli.ipynb #b144b21a
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, re, sys
 from pathlib import Path
 
 from .core import SmallDogeError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'RUN_FLAGS', 'command', 'positive_int', 'device_name', 'Parser', 'build_parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #de653e84
 COMMANDS = {}
@@ -22,51 +22,76 @@ def command(name, help):
         return f
     return deco
 
+def positive_int(text: str) -> int:
+    "An argparse type: an integer >= 1."
+    try: n = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}') from None
+    if n < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {n}')
+    return n
+
+def device_name(text: str) -> str:
+    "An argparse type: cpu, cuda, cuda:N or mps (whether this machine has it is checked when the command runs)."
+    if not re.fullmatch(r'cpu|cuda(:\d+)?|mps', text): raise argparse.ArgumentTypeError(f'unknown device {text!r}: use cpu, cuda or cuda:N')
+    return text
+
 # %% ../nbs/20_cli.ipynb #9ce20230
 @command('run', 'run the whole pipeline at a preset and write a report to a run folder')
 def _run_parser(p):
     from small_doge.pipeline import PRESETS
     p.add_argument('--preset', default='tiny', choices=sorted(PRESETS), help='size of everything (default: tiny, for a CPU)')
-    p.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<preset>)')
-    p.add_argument('--stages', default=None, help='comma-separated subset of stages to run (default: all); the others are reused from the run folder when an earlier run finished them')
+    p.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<preset>); run again to continue a stopped run')
+    p.add_argument('--stages', default=None, help='comma-separated stages to run (again); the others are reused from the run folder when an earlier run finished them')
+    p.add_argument('--overwrite', action='store_true', help='start every stage over, and write into a folder that holds other files')
     def go(a):
         from small_doge.pipeline import run_pipeline
-        return run_pipeline(a.preset, out_dir=a.out, stages=a.stages.split(',') if a.stages else None)
+        return run_pipeline(a.preset, out_dir=a.out, stages=a.stages.split(',') if a.stages else None, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #ad23cb2d
+def _overwrite_arg(p, what):
+    p.add_argument('--overwrite', action='store_true', help=f'replace --out even if it holds something other than {what}')
+
 @command('corpus', 'build a text corpus (default: the embedded pystdlib corpus) and save it to disk')
 def _corpus_parser(p):
-    p.add_argument('--out', type=Path, required=True, help='directory to save the DatasetDict to')
-    p.add_argument('--files', nargs='*', default=None, help='local txt/jsonl/parquet files instead of pystdlib')
-    p.add_argument('--max-files', type=int, default=None, help='use at most this many stdlib files')
+    p.add_argument('--out', type=Path, required=True, help='directory to save the DatasetDict to (new, empty, or an earlier corpus)')
+    p.add_argument('--files', nargs='+', default=None, help='local txt/jsonl/parquet files instead of pystdlib')
+    p.add_argument('--max-files', type=positive_int, default=None, help='use at most this many stdlib files')
+    _overwrite_arg(p, 'a corpus')
     def go(a):
         from small_doge.pipeline import build_corpus
-        return build_corpus(a.out, files=a.files, max_files=a.max_files)
+        return build_corpus(a.out, files=a.files, max_files=a.max_files, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #e11dc248
 @command('tokenizer', 'train a byte-level BPE tokenizer on a corpus and save it')
 def _tokenizer_parser(p):
-    p.add_argument('--out', type=Path, required=True, help='directory to save the tokenizer to')
-    p.add_argument('--vocab-size', type=int, default=32768, help='vocabulary size, special tokens included')
+    p.add_argument('--out', type=Path, required=True, help='directory to save the tokenizer to (new, empty, or an earlier tokenizer)')
+    p.add_argument('--vocab-size', type=positive_int, default=32768, help='vocabulary size, special tokens included')
     p.add_argument('--corpus', type=Path, default=None, help='a corpus saved by `small-doge corpus` (default: pystdlib)')
-    p.add_argument('--max-files', type=int, default=None, help='with the default corpus: use at most this many stdlib files')
+    p.add_argument('--max-files', type=positive_int, default=None, help='with the default corpus: use at most this many stdlib files')
+    _overwrite_arg(p, 'a tokenizer')
     def go(a):
         from small_doge.pipeline import build_tokenizer
-        return build_tokenizer(a.out, vocab_size=a.vocab_size, corpus=a.corpus, max_files=a.max_files)
+        return build_tokenizer(a.out, vocab_size=a.vocab_size, corpus=a.corpus, max_files=a.max_files, overwrite=a.overwrite)
     return go
 
 # %% ../nbs/20_cli.ipynb #95427fed
+RUN_FLAGS = dict(resume=('resume_from_checkpoint', 'continue the run in --output-dir from its newest checkpoint'),
+                 overwrite=('overwrite', 'start over in an --output-dir that holds another run (its files only are deleted)'),
+                 reset_optimizer=('reset_optimizer', 'resume from a checkpoint without optimizer state: fresh AdamW and schedule'),
+                 allow_recipe_change=('allow_recipe_change', 'resume with other settings than the run was started with'))
+
 def _stage_parser(stage, default_recipe):
     def build(p):
         p.add_argument('--config', default=default_recipe, help=f'recipe YAML path or packaged name (default: {default_recipe})')
         p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
         p.add_argument('--output-dir', default=None, help='where checkpoints and the final model go (overrides the recipe)')
+        for flag, (_, help) in RUN_FLAGS.items(): p.add_argument(f'--{flag.replace("_", "-")}', action='store_true', help=help)
         def go(a):
             from small_doge.runs import as_recipe, parse_overrides, run_recipe
             overrides = parse_overrides(a.overrides)
             if a.output_dir: overrides['output_dir'] = a.output_dir
+            overrides.update({key: True for flag, (key, _) in RUN_FLAGS.items() if getattr(a, flag)})
             return run_recipe(as_recipe(a.config, stage, **overrides))
         return go
     return build
@@ -94,19 +119,20 @@ def _eval_parser(p):
     _model_arg(p)
     p.add_argument('--tasks', default=None, help="comma-separated lm-eval tasks, groups or task files (default: the offline "
                    "tasks, doge_offline; doge_seeds: the seeds' benchmarks, data from the hub)")
-    p.add_argument('--limit', type=int, default=None, help='only the first N examples of each task')
-    p.add_argument('--n-examples', type=int, default=None, help="examples each offline task generates (default: the task's own)")
+    p.add_argument('--limit', type=positive_int, default=None, help='only the first N examples of each task')
+    p.add_argument('--n-examples', type=positive_int, default=None, help="examples each offline task generates (default: the task's own)")
     p.add_argument('--out', type=Path, default=None, help='folder for results.json and results.md (default: <model dir>/eval)')
-    p.add_argument('--batch-size', type=int, default=8, help='requests scored in one forward pass')
+    p.add_argument('--batch-size', type=positive_int, default=8, help='requests scored in one forward pass')
     p.add_argument('--no-speed', action='store_true', help='skip the generation-speed measurement')
-    p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
+    p.add_argument('--device', type=device_name, default=None, help='cpu or cuda (default: cuda when available)')
     def go(a):
-        from small_doge.evaluate import evaluate_model
+        from small_doge.core import check_device
         from small_doge.sft import resolve_model_path
-        path = Path(resolve_model_path(a.model))
+        device, path = check_device(a.device), Path(resolve_model_path(a.model))    # both before the model is loaded
+        from small_doge.evaluate import evaluate_model
         out = a.out or (path/'eval' if path.is_dir() else Path('eval')/str(path).replace('/', '--'))
         return evaluate_model(a.model, tasks=a.tasks.split(',') if a.tasks else None, limit=a.limit, out_dir=out,
-                              batch_size=a.batch_size, device=a.device, speed=not a.no_speed,
+                              batch_size=a.batch_size, device=device, speed=not a.no_speed,
                               metadata=dict(n=a.n_examples) if a.n_examples is not None else None)
     return go
 
@@ -146,9 +172,14 @@ def _generate_parser(p):
     return go
 
 # %% ../nbs/20_cli.ipynb #644057c4
+class Parser(argparse.ArgumentParser):
+    "`argparse.ArgumentParser` whose usage errors are one line: what is wrong, and where help is."
+    def error(self, message): self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
 def build_parser() -> argparse.ArgumentParser:
     "The `small-doge` argument parser with every registered subcommand."
-    parser = argparse.ArgumentParser(prog='small-doge', description='Build, train and chat with Doge language models.')
+    parser = Parser(prog='small-doge', description='Build, train and chat with Doge language models.')
+    parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (help, builder) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -161,8 +192,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command is None: parser.print_help(); return 0
     try: result = args.func(args)
-    except SmallDogeError as e:
-        print(f'small-doge {args.command}: error: {e}', file=sys.stderr); return 2
+    except (SmallDogeError, OSError, KeyboardInterrupt) as e:
+        if args.debug: raise
+        if isinstance(e, KeyboardInterrupt): print(f'small-doge {args.command}: interrupted', file=sys.stderr); return 130
+        print(f'small-doge {args.command}: error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
+        return 2 if isinstance(e, SmallDogeError) else 1
     if result is not None: print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #24186fec
 from __future__ import annotations
-import contextlib, os, random, shutil, tempfile
+import contextlib, os, random, re, shutil, tempfile
 from pathlib import Path
 
 import numpy as np
 
 # %% auto #0
-__all__ = ['in_test', 'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write', 'atomic_dir',
-           'seed_everything', 'doge_home']
+__all__ = ['in_test', 'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write', 'atomic_dir', 'listing',
+           'is_inside', 'check_writable', 'check_output_dir', 'seed_everything', 'doge_home', 'looks_like_hub_id',
+           'no_such_path', 'check_device']
 
 # %% ../nbs/00_core.ipynb #15b65bd4
 def in_test() -> bool:
@@ -61,10 +62,49 @@ def atomic_dir(path):
             old = path.with_name(f'.{path.name}.old-{os.getpid()}')
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        if old is not None: shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+# %% ../nbs/00_core.ipynb #abfe3f25
+def listing(names, n: int = 4) -> str:
+    "The first `n` of `names`, comma-separated, and how many more: short enough for a one-line message."
+    names = [str(x) for x in names]
+    return ', '.join(names[:n]) + (f' and {len(names) - n} more' if len(names) > n else '')
+
+def is_inside(path, folder) -> bool:
+    "True if `path` is `folder` or lies inside it (symbolic links resolved)."
+    path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return path == folder or folder in path.parents
+
+def check_writable(folder) -> Path:
+    "Create `folder` if needed and check that a file can be written in it; one `ConfigError` naming it if not."
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=folder)
+        os.close(fd); os.unlink(probe)
+    except OSError as e: raise ConfigError(f'cannot write to {folder}: {e.strerror or e}') from e
+    return folder
+
+# %% ../nbs/00_core.ipynb #c3b30766
+def check_output_dir(path, what: str, is_own=None, overwrite: bool = False, inputs=()) -> Path:
+    """Check that writing `what` (e.g. 'a corpus') as the folder `path` destroys nothing: a file, or a non-empty folder
+    that `is_own(path)` does not recognise as an earlier output of the same kind, is refused unless `overwrite`; an input
+    inside `path` is refused always. The parent must be writable. Returns `path`."""
+    path = Path(path).expanduser()
+    if path.exists() and (inside := [str(i) for i in inputs if is_inside(i, path)]):
+        raise ConfigError(f'the input {listing(inside, 2)} lies inside the output folder {path}, which would be replaced; '
+                          'write the output somewhere else')
+    if path.exists() and not path.is_dir() and not overwrite:
+        raise ConfigError(f'{path} is a file, not a folder: give a folder for {what} (or --overwrite to replace the file)')
+    if path.is_dir() and not overwrite and any(path.iterdir()) and not (is_own and is_own(path)):
+        raise ConfigError(f'{path} is not empty and does not hold {what} written by small-doge (it holds '
+                          f'{listing(sorted(p.name for p in path.iterdir()))}); choose a new or empty folder, '
+                          'or pass --overwrite to replace it')
+    check_writable(path.parent)
+    return path
 
 # %% ../nbs/00_core.ipynb #58963de5
 def seed_everything(seed: int = 42):
@@ -77,3 +117,33 @@ def seed_everything(seed: int = 42):
 def doge_home() -> Path:
     "Root directory for small_doge artifacts (`$SMALL_DOGE_HOME` or `~/.cache/small_doge`)."
     return Path(os.environ.get('SMALL_DOGE_HOME', Path.home()/'.cache'/'small_doge')).expanduser()
+
+# %% ../nbs/00_core.ipynb #57fbc8a0
+def looks_like_hub_id(spec) -> bool:
+    "True if `spec` can only mean a Hugging Face hub id: `owner/name`, no such local path or folder `owner`, the hub not switched off."
+    s = str(spec)
+    if not re.fullmatch(r'[\w.-]+/[\w.-]+', s) or s.startswith(('.', '~')) or Path(s).exists() or Path(s.split('/')[0]).exists():
+        return False
+    return os.environ.get('HF_HUB_OFFLINE', '0').lower() not in ('1', 'true', 'yes', 'on')
+
+def no_such_path(spec, what: str = 'file or folder') -> str:
+    "A one-line message for a local path that does not exist, naming what its nearest existing parent holds."
+    p = Path(str(spec)).expanduser()
+    parent = next((q for q in p.parents if q.is_dir()), None)
+    seen = sorted(x.name for x in parent.iterdir() if not x.name.startswith('.')) if parent is not None else []
+    return f'no such {what}: {spec}' + (f' ({parent}/ holds {listing(seen)})' if seen and parent != Path('.') and str(parent) != '/' else '')
+
+# %% ../nbs/00_core.ipynb #01241b16
+def check_device(spec: str | None = None) -> str:
+    "The torch device `spec` names ('cpu', 'cuda', 'cuda:1', 'mps'; None: cuda when available), or one `ConfigError`."
+    import torch
+    if spec is None: return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try: device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as e: raise ConfigError(f'unknown device {spec!r}: use cpu, cuda or cuda:N') from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {spec!r}: CUDA is not available on this machine (torch {torch.__version__}); use cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f'device {spec!r}: this machine has {torch.cuda.device_count()} GPU(s)')
+    if device.type == 'mps' and not torch.backends.mps.is_available(): raise ConfigError(f'device {spec!r}: MPS is not available')
+    if device.type not in ('cpu', 'cuda', 'mps'): raise ConfigError(f'device {spec!r} is not supported: use cpu or cuda')
+    return str(device)

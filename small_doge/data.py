@@ -19,11 +19,11 @@ from .core import ConfigError, DataError, atomic_dir, doge_home, in_test
 __all__ = ['PYSTDLIB_VERSION', 'PYSTDLIB_KINDS', 'LOCAL_FORMATS', 'HUB_PRESETS', 'INSTRUCTION_TEMPLATES', 'THINK_START',
            'THINK_END', 'ANSWER_START', 'ANSWER_END', 'stdlib_root', 'stdlib_files', 'hash_unit', 'module_name',
            'module_docstrings', 'docstrings_text', 'pydoc_topics', 'pystdlib_corpus', 'MissingDataError',
-           'read_data_file', 'load_local', 'fetch_python_edu', 'load_hub_mix', 'summary_line', 'stdlib_api_docs',
-           'instruction_dataset', 'preference_dataset', 'parse_arithmetic', 'arithmetic_trace', 'format_trace',
-           'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer', 'format_ok', 'accuracy_reward',
-           'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset', 'ByteTokenizer', 'token_ids', 'pack_dataset',
-           'first_rows', 'packed_attention_mask']
+           'read_data_file', 'load_local', 'split_corpus', 'load_saved_corpus', 'fetch_python_edu', 'load_hub_mix',
+           'summary_line', 'stdlib_api_docs', 'instruction_dataset', 'preference_dataset', 'parse_arithmetic',
+           'arithmetic_trace', 'format_trace', 'reasoning_dataset', 'completion_text', 'extract_answer', 'check_answer',
+           'format_ok', 'accuracy_reward', 'format_reward', 'think_steps', 'trace_reward', 'mqar_dataset',
+           'ByteTokenizer', 'token_ids', 'pack_dataset', 'first_rows', 'packed_attention_mask']
 
 # %% ../nbs/01_data.ipynb #6eefe27f
 def stdlib_root() -> Path:
@@ -137,6 +137,7 @@ def pystdlib_corpus(valid_frac: float = 0.05, max_files: int | None = None, max_
     kinds = tuple(kinds)
     if bad := set(kinds) - set(PYSTDLIB_KINDS): raise ConfigError(f'unknown pystdlib kinds {sorted(bad)}; choose from {PYSTDLIB_KINDS}')
     if not 0 <= valid_frac < 1: raise ConfigError(f'valid_frac must be in [0, 1), got {valid_frac}')
+    if max_files is not None and max_files < 1: raise ConfigError(f'max_files must be a positive number of files, got {max_files}')
     root = Path(root or stdlib_root())
     if not root.is_dir(): raise DataError(f'standard library directory not found: {root}')
     args = (valid_frac, max_files, max_chars, kinds, min_chars)
@@ -187,11 +188,14 @@ def _quiet_datasets():
 def read_data_file(builder: str, path, what: str | None = None, **kwargs) -> Dataset:
     "One file through `datasets.load_dataset(builder)`; a parse error becomes one `DataError` naming the file and the cause."
     try:
-        with _quiet_datasets(): return datasets.load_dataset(builder, data_files=str(path), split='train', **kwargs)
+        with _quiet_datasets(): ds = datasets.load_dataset(builder, data_files=str(path), split='train', **kwargs)
     except Exception as e:   # datasets wraps parse errors in DatasetGenerationError; report the cause
         cause = e.__cause__ or e.__context__ or e
         problem = 'not UTF-8 text' if isinstance(cause, UnicodeDecodeError) else f'not valid {what or builder}'
         raise DataError(f'{path}: {problem} ({type(cause).__name__}: {str(cause)[:200]})') from e
+    try: ds.data.validate(full=True)   # pyarrow's JSON reader keeps invalid UTF-8 (latin-1, say) until it is read
+    except Exception as e: raise DataError(f'{path}: not UTF-8 text ({type(e).__name__}: {str(e)[:200]})') from e
+    return ds
 
 # %% ../nbs/01_data.ipynb #f9f0b57a
 def load_local(paths, fmt: str | None = None, text_column: str = 'text', sample_by: str = 'document',
@@ -221,6 +225,42 @@ def _load_local(files, builders, fmt, text_column, sample_by, load_kw) -> Datase
         if len(ds) == 0: raise DataError(f'{f}: no non-empty text')
         parts.append(ds.add_column('source', [str(f)] * len(ds)))
     return datasets.concatenate_datasets(parts)
+
+# %% ../nbs/01_data.ipynb #b6a69c5c
+def _cut_by_lines(ds: Dataset, n_pieces: int) -> Dataset:
+    "Each document of `ds` cut into pieces of whole lines, about `n_pieces` pieces in all (blank pieces dropped)."
+    docs = [(t.splitlines(keepends=True), src) for t, src in zip(ds['text'], ds['source'] if 'source' in ds.column_names else [None] * len(ds))]
+    per = max(1, -(-sum(len(lines) for lines, _ in docs) // n_pieces))   # lines per piece, rounded up
+    rows = [dict(text=''.join(lines[k:k + per]), source=src) for lines, src in docs for k in range(0, len(lines), per)]
+    rows = [r for r in rows if r['text'].strip()]
+    if not rows: return ds.select([])
+    return Dataset.from_list(rows if 'source' in ds.column_names else [dict(text=r['text']) for r in rows])
+
+def split_corpus(ds: Dataset, valid_frac: float = 0.05, seed: int = 0, min_docs: int = 20) -> DatasetDict:
+    "DatasetDict(train, validation) from documents (a `text` column): `valid_frac` held out, seeded; few documents are first cut by lines."
+    if not 0 < valid_frac < 1: raise ConfigError(f'valid_frac must be in (0, 1), got {valid_frac}')
+    if len(ds) < min_docs: ds = _cut_by_lines(ds, min_docs)
+    if len(ds) < 2:
+        raise DataError(f'{len(ds)} non-empty line(s) of text: too little to hold some out for validation; '
+                        'give at least two lines (better: thousands), or more files')
+    split = ds.train_test_split(test_size=valid_frac, seed=seed)
+    return DatasetDict(train=split['train'], validation=split['test'])
+
+# %% ../nbs/01_data.ipynb #ab0a72e8
+def load_saved_corpus(path) -> DatasetDict:
+    "A corpus saved by `small-doge corpus` (train and validation splits with a `text` column); one `DataError` if unreadable."
+    path = Path(path).expanduser()
+    if not (path/'dataset_dict.json').is_file(): raise DataError(f'not a saved corpus (no dataset_dict.json): {path}')
+    try:
+        with _quiet_datasets():
+            dsd = datasets.load_from_disk(str(path))
+            for ds in dsd.values(): ds.data.validate(full=True)   # a damaged file fails here, not mid-training
+    except Exception as e:
+        raise DataError(f'{path}: not a readable saved corpus ({type(e).__name__}: {str(e)[:150]}); '
+                        f'rebuild it with: small-doge corpus --out {path} --overwrite') from e
+    if not isinstance(dsd, DatasetDict) or 'train' not in dsd or 'text' not in dsd['train'].column_names:
+        raise DataError(f'{path}: a saved corpus needs a train split with a text column')
+    return dsd
 
 # %% ../nbs/01_data.ipynb #ddff3523
 HUB_PRESETS = {

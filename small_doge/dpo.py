@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .core import ConfigError, DataError, in_test, seed_everything
-from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, eval_history, training_arguments
-from .sft import load_model_and_tokenizer, router_aux_loss_coef
+from .runs import (AtomicCheckpointMixin, Recipe, above, as_recipe, at_least, begin_stage, eval_history, one_of,
+                             training_arguments, within)
+from .sft import check_messages, load_model_and_tokenizer, local_data, resolve_model_path, router_aux_loss_coef
 
 # %% auto #0
 __all__ = ['answer_logps', 'preference_metrics', 'frozen_copy', 'DPORecipe', 'dpo_datasets', 'self_play_pairs',
@@ -94,6 +95,11 @@ class DPORecipe(Recipe):
     min_lr_rate: float = 0.1
     save_steps: int | None = None
 
+DPORecipe.RULES = dict(rejected=one_of('dataset', 'self'), self_play_max_new_tokens=at_least(1),
+                       data_max_examples=at_least(2, or_none=True), test_frac=within(0, 1, lo_open=True, hi_open=True),
+                       hub_test_examples=at_least(1), max_eval_examples=at_least(1), beta=above(0), max_length=at_least(1),
+                       min_lr_rate=within(0, 1))
+
 def dpo_datasets(recipe: DPORecipe):
     "DatasetDict(train, test) with conversational prompt/chosen/rejected columns for a DPO recipe."
     import datasets
@@ -109,6 +115,7 @@ def dpo_datasets(recipe: DPORecipe):
                         chosen=[m for m in ex['chosen'] if m['role'] == 'assistant'][-1:],
                         rejected=[m for m in ex['rejected'] if m['role'] == 'assistant'][-1:])
         dsd = dsd.map(to_conv)
+    check_messages(dsd['train'], ['prompt', 'chosen', 'rejected'], f'{recipe.data}: preference data')
     for k, ds in dsd.items():
         if len(ds) == 0: raise DataError(f'{recipe.data}: the {k} split is empty')
     return datasets.DatasetDict({k: v.select_columns(['prompt', 'chosen', 'rejected']) for k, v in dsd.items()})
@@ -138,11 +145,13 @@ def run_dpo(recipe: DPORecipe | str | Path, callbacks: list | None = None, **ove
     from trl import DPOConfig
     recipe = as_recipe(recipe, 'dpo', **overrides)
     if recipe.rejected not in ('dataset', 'self'): raise ConfigError(f"rejected must be 'dataset' or 'self', got {recipe.rejected!r}")
+    resolve_model_path(recipe.model_path); local_data(recipe, 'preference data')   # missing inputs fail first
     with begin_stage(recipe) as st:
+        if st.done: return st.done
+        dsd = dpo_datasets(recipe)                  # bad data fails before the models are loaded
         model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
         ref = load_model_and_tokenizer(recipe.ref_model_path, recipe.attn_backend)[0].eval() if recipe.ref_model_path else frozen_copy(model)
         ref.requires_grad_(False)
-        dsd = dpo_datasets(recipe)
         from small_doge.data import first_rows
         heldout = first_rows(dsd['test'], recipe.max_eval_examples)
         original = None

@@ -4,18 +4,19 @@
 
 # %% ../nbs/19_pipeline.ipynb #fcbdd190
 from __future__ import annotations
-import json, time
+import json, os, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-
-from .core import ConfigError, DataError, atomic_write, seed_everything, in_test
+from .core import (ConfigError, DataError, atomic_write, check_output_dir, check_writable, in_test, listing,
+                             seed_everything)
 
 # %% auto #0
-__all__ = ['TRAINING_STAGES', 'PRESETS', 'EVAL_LIMIT', 'SAMPLE_PROMPTS', 'FORGETTING_METRICS', 'STAGES', 'CURVES', 'Preset',
-           'corpus_summary', 'load_corpus', 'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus',
-           'stage_tokenizer', 'stage_pretrain', 'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples',
+__all__ = ['TRAINING_STAGES', 'PRESETS', 'TOKENIZER_FILES', 'EVAL_LIMIT', 'SAMPLE_PROMPTS', 'FORGETTING_METRICS', 'STAGES',
+           'CURVES', 'NEEDS', 'RUN_ENTRIES', 'Preset', 'corpus_summary', 'load_corpus', 'is_corpus_dir',
+           'is_tokenizer_dir', 'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer',
+           'stage_pretrain', 'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples',
            'python_perplexity', 'stage_forgetting', 'forgetting_table', 'measured_effects', 'plot_curves', 'eval_table',
-           'write_report', 'reuse_stage', 'run_pipeline']
+           'write_report', 'finished_marker', 'reuse_stage', 'plan_stages', 'run_pipeline']
 
 # %% ../nbs/19_pipeline.ipynb #a75e5f28
 @dataclass
@@ -51,28 +52,38 @@ def corpus_summary(dsd) -> dict:
     return out
 
 def load_corpus(corpus=None, files=None, max_files=None):
-    "A saved corpus directory, local files (split 95/5, seeded), or the embedded pystdlib corpus."
-    import datasets
-    from small_doge.data import pystdlib_corpus, load_local
-    if corpus is not None:
-        corpus = Path(corpus)
-        if not (corpus/'dataset_dict.json').exists(): raise DataError(f'not a saved corpus (no dataset_dict.json): {corpus}')
-        return datasets.load_from_disk(str(corpus))
-    if files:
-        split = load_local(files).train_test_split(test_size=0.05, seed=0)
-        return datasets.DatasetDict(train=split['train'], validation=split['test'])
+    "A saved corpus directory, local files (split 95/5, seeded; one big file is cut by lines), or the embedded pystdlib corpus."
+    from small_doge.data import load_local, load_saved_corpus, pystdlib_corpus, split_corpus
+    if corpus is not None: return load_saved_corpus(corpus)
+    if files: return split_corpus(load_local(files), valid_frac=0.05, seed=0)
     return pystdlib_corpus(max_files=max_files)
 
-def build_corpus(out, files=None, max_files=None) -> dict:
-    "Build a corpus (pystdlib by default) and save it to `out` atomically; return its summary."
+def is_corpus_dir(path) -> bool:
+    "True if `path` holds a corpus saved by `build_corpus` and nothing else (so rebuilding it loses nothing)."
+    try: splits = json.loads((Path(path)/'dataset_dict.json').read_text())['splits']
+    except (OSError, ValueError, KeyError, TypeError): return False
+    return all(p.name in {'dataset_dict.json', *splits} or p.name.startswith('.') for p in Path(path).iterdir())
+
+TOKENIZER_FILES = {'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja',
+                   'added_tokens.json', 'summary.json'}
+
+def is_tokenizer_dir(path) -> bool:
+    "True if `path` holds a tokenizer saved by `build_tokenizer` and nothing else."
+    path = Path(path)
+    return (path/'tokenizer.json').is_file() and all(p.name in TOKENIZER_FILES or p.name.startswith('.') for p in path.iterdir())
+
+def build_corpus(out, files=None, max_files=None, overwrite=False) -> dict:
+    "Build a corpus (pystdlib by default) and save it to `out` atomically; return its summary. Destroys nothing (see `check_output_dir`)."
     from small_doge.core import atomic_dir
+    out = check_output_dir(out, 'a corpus', is_own=is_corpus_dir, overwrite=overwrite, inputs=files or ())
     dsd = load_corpus(files=files, max_files=max_files)
     with atomic_dir(out) as tmp: dsd.save_to_disk(str(tmp))
     return dict(path=str(out), **corpus_summary(dsd))
 
-def build_tokenizer(out, vocab_size=32768, corpus=None, max_files=None) -> dict:
-    "Train a byte-level BPE on a saved corpus (default: pystdlib) and save it to `out`; return its summary."
+def build_tokenizer(out, vocab_size=32768, corpus=None, max_files=None, overwrite=False) -> dict:
+    "Train a byte-level BPE on a saved corpus (default: pystdlib) and save it to `out`; return its summary. Destroys nothing."
     from small_doge.tokenizer import tokenizer_for_corpus
+    out = check_output_dir(out, 'a tokenizer', is_own=is_tokenizer_dir, overwrite=overwrite, inputs=[corpus] if corpus else ())
     _, summary = tokenizer_for_corpus(out, vocab_size=vocab_size, corpus=load_corpus(corpus, max_files=max_files))
     return summary
 
@@ -84,22 +95,27 @@ class RunContext:
     out_dir: Path
     artifacts: dict = field(default_factory=dict)   # name -> path written by a stage
     results: dict = field(default_factory=dict)     # stage -> its measured numbers
+    overwrite: bool = False                         # start every stage over, even one that was stopped half-way
 
 def stage_corpus(ctx):
-    info = build_corpus(ctx.out_dir/'corpus', max_files=ctx.preset.max_files)
+    info = build_corpus(ctx.out_dir/'corpus', max_files=ctx.preset.max_files, overwrite=ctx.overwrite)
     ctx.artifacts['corpus'] = ctx.out_dir/'corpus'
     return info
 
 def stage_tokenizer(ctx):
     info = build_tokenizer(ctx.out_dir/'tokenizer', vocab_size=ctx.preset.vocab_size, corpus=ctx.artifacts.get('corpus'),
-                           max_files=ctx.preset.max_files)
+                           max_files=ctx.preset.max_files, overwrite=ctx.overwrite)
     ctx.artifacts['tokenizer'] = ctx.out_dir/'tokenizer'
     return info
 
 def _train(ctx, stage, **inputs):
-    "Run the preset's recipe for `stage` into `<run>/<stage>`, feeding it the artifacts of earlier stages."
+    """Run the preset's recipe for `stage` into `<run>/<stage>`, feeding it the artifacts of earlier stages: a stage that
+    was stopped half-way resumes from its last checkpoint; one that had finished (asked to run again) starts over."""
     from small_doge.runs import as_recipe, run_recipe
-    overrides = {**ctx.preset.overrides.get(stage, {}), **inputs, 'output_dir': str(ctx.out_dir/stage)}
+    d = ctx.out_dir/stage
+    control = (dict(overwrite=True) if ctx.overwrite or finished_marker(ctx, stage)
+               else dict(resume_from_checkpoint=True) if d.is_dir() and any(d.iterdir()) else {})
+    overrides = {**ctx.preset.overrides.get(stage, {}), **inputs, **control, 'output_dir': str(d)}
     info = run_recipe(as_recipe(ctx.preset.recipes[stage], stage, **overrides))
     ctx.artifacts[stage] = Path(info['model_dir'])
     return info
@@ -306,43 +322,84 @@ def write_report(ctx, seconds: dict) -> Path:
     return ctx.out_dir/'report.md'
 
 # %% ../nbs/19_pipeline.ipynb #4b678218
+NEEDS = dict(corpus=(), tokenizer=(), pretrain=('corpus', 'tokenizer'), sft=('pretrain',), dpo=('sft',), reason=('sft',),
+             forgetting=('corpus', 'pretrain'), eval=('corpus', 'pretrain'), samples=('pretrain',))   # reason starts from dpo when there is one
+RUN_ENTRIES = set(STAGES) | {'results.json', 'report.md', 'curves.png'}
+
+def finished_marker(ctx, name) -> Path | None:
+    "The file whose presence says stage `name` finished in the run folder (its time says when), or None."
+    d = ctx.out_dir/name
+    if name == 'corpus': return d/'dataset_dict.json' if is_corpus_dir(d) else None
+    if name == 'tokenizer': return d/'summary.json' if (d/'summary.json').is_file() and (d/'tokenizer.json').is_file() else None
+    if name in TRAINING_STAGES and (d/'results.json').is_file() and (d/'model'/'config.json').is_file(): return d/'results.json'
+    return None                                   # eval and samples are measured afresh
+
 def reuse_stage(ctx, name) -> dict | None:
     "Results of stage `name` left in the run folder by an earlier run (its artifact recorded in `ctx`), or None."
     d = ctx.out_dir/name
-    if name == 'corpus' and (d/'dataset_dict.json').exists():
+    if finished_marker(ctx, name) is None: return None
+    if name == 'corpus':
         ctx.artifacts[name] = d
         return dict(path=str(d), **corpus_summary(load_corpus(d)))
-    if name == 'tokenizer' and (d/'summary.json').exists() and (d/'tokenizer.json').exists():
+    if name == 'tokenizer':
         ctx.artifacts[name] = d
         return json.loads((d/'summary.json').read_text())
-    if name in TRAINING_STAGES and (d/'results.json').exists() and (d/'model'/'config.json').exists():
-        ctx.artifacts[name] = d/'model'
-        return json.loads((d/'results.json').read_text())
-    return None
+    ctx.artifacts[name] = d/'model'
+    return json.loads((d/'results.json').read_text())
 
-def run_pipeline(preset='tiny', out_dir=None, stages=None) -> dict:
-    "Run `stages` (default: all of the preset's) in order into `out_dir`; return a summary with the report path."
+# %% ../nbs/19_pipeline.ipynb #cc990dda
+def plan_stages(ctx, stages=None) -> dict:
+    """For each of the preset's stages: 'run', 'reuse' (finished in the folder, newer than its inputs) or 'skip'. Every
+    stage to run must have its inputs run before it or reused: else one `ConfigError` naming the missing stage."""
+    explicit, plan, changed = stages is not None, {}, set()
+    for name in ctx.preset.stages:
+        marker = None if ctx.overwrite else finished_marker(ctx, name)
+        inputs = NEEDS[name] + (('dpo',) if name == 'reason' else ())
+        newer = [n for n in inputs if plan.get(n) == 'reuse' and finished_marker(ctx, n).stat().st_mtime > marker.stat().st_mtime] if marker else []
+        reusable = marker is not None and not newer and not changed & set(inputs)
+        plan[name] = 'run' if (name in stages if explicit else not reusable) else 'reuse' if reusable else 'skip'
+        if plan[name] == 'run':
+            changed.add(name)
+            if missing := [n for n in NEEDS[name] if plan.get(n) not in ('run', 'reuse')]:
+                why = 'is not finished' if not finished_marker(ctx, missing[0]) else 'is older than what it was built from'
+                raise ConfigError(f'stage {name!r} needs {missing[0]!r}, which {why} in {ctx.out_dir}: '
+                                  f'run it too (--stages {",".join(missing + [name])}), or run the whole pipeline')
+    return plan
+
+# %% ../nbs/19_pipeline.ipynb #fccd6cb6
+def run_pipeline(preset='tiny', out_dir=None, stages=None, overwrite: bool = False) -> dict:
+    """Run the preset's stages into `out_dir` (default: continue, reusing finished stages; `stages`: run those, reuse
+    the rest; `overwrite`: start every stage over); return a summary with the report path."""
+    from small_doge.runs import lock_run_dir, unlock_run_dir
     if isinstance(preset, str):
         if preset not in PRESETS: raise ConfigError(f'unknown preset {preset!r}; choose from {sorted(PRESETS)}')
         preset = PRESETS[preset]
-    stages = list(stages or preset.stages)
-    if bad := [s for s in stages if s not in STAGES]: raise ConfigError(f'unknown stages {bad}; choose from {list(STAGES)}')
-    if 'eval' in stages:   # before hours of training
+    if stages is not None and (bad := [s for s in stages if s not in preset.stages]):
+        raise ConfigError(f'unknown stages {bad}; choose from {list(preset.stages)}')
+    ctx = RunContext(preset, Path(out_dir or Path('runs')/preset.name), overwrite=overwrite)
+    if ctx.out_dir.exists() and not ctx.out_dir.is_dir(): raise ConfigError(f'{ctx.out_dir} is a file, not a run folder')
+    foreign = sorted(p.name for p in ctx.out_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith('.')) if ctx.out_dir.is_dir() else []
+    if foreign and not overwrite:
+        raise ConfigError(f'{ctx.out_dir} is not empty and is not a small-doge run folder (it holds {listing(foreign)}); '
+                          'choose another --out, or pass --overwrite to write beside those files')
+    plan = plan_stages(ctx, stages)               # a missing input fails here, before anything runs
+    if plan.get('eval') == 'run':                 # before hours of training
         from small_doge.evaluate import require_lm_eval
         require_lm_eval()
-    ctx = RunContext(preset, Path(out_dir or Path('runs')/preset.name))
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    for name in preset.stages:   # stages not asked for: what an earlier run into this folder left, if anything
-        if name not in stages and (info := reuse_stage(ctx, name)) is not None:
-            ctx.results[name] = info
-            print(f'[{name}] reused from {ctx.out_dir/name}', flush=True)
-    seed_everything(0)
-    seconds = {}
-    for name in stages:
-        t0 = time.time()
-        ctx.results[name] = STAGES[name](ctx)
-        seconds[name] = time.time() - t0
-        print(_one_line(name, ctx.results[name], seconds[name]), flush=True)
-    report = write_report(ctx, seconds)
+    lock = lock_run_dir(check_writable(ctx.out_dir), f'small-doge run --preset {preset.name}')
+    try:
+        seed_everything(0)
+        seconds = {}
+        for name, what in plan.items():
+            if what == 'reuse':
+                ctx.results[name] = reuse_stage(ctx, name)
+                print(f'[{name}] reused from {ctx.out_dir/name}', flush=True)
+            elif what == 'run':
+                t0 = time.time()
+                ctx.results[name] = STAGES[name](ctx)
+                seconds[name] = time.time() - t0
+                print(_one_line(name, ctx.results[name], seconds[name]), flush=True)
+        report = write_report(ctx, seconds)
+    finally: unlock_run_dir(lock)
     effects = {e['stage']: f"{'holds' if e['holds'] else 'DOES NOT HOLD'}: {e['measured']}" for e in measured_effects(ctx.results)}
     return dict(run_dir=str(ctx.out_dir), report=str(report), seconds=round(sum(seconds.values()), 1), effects=effects)

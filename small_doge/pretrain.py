@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_pretrain.ipynb #23b86a02
 from __future__ import annotations
-import functools, math, os, re, time
+import functools, json, math, os, re, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +12,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
-from .core import ConfigError, DataError, in_test, seed_everything
-from .runs import (AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, check_checkpoint_fits, eval_history,
-                             list_checkpoints, load_recipe, make_recipe, training_arguments, quiet, world_size)
+from .core import CheckpointError, ConfigError, DataError, in_test, looks_like_hub_id, seed_everything
+from .runs import (AtomicCheckpointMixin, Recipe, as_recipe, at_least, begin_stage, check_checkpoint_fits,
+                             eval_history, list_checkpoints, load_recipe, make_recipe, one_of, training_arguments, quiet,
+                             within, world_size)
 
 # %% auto #0
 __all__ = ['WSD_DECAYS', 'wsd_lambda', 'wsd_schedule', 'PretrainRecipe', 'WSDTrainer', 'collate_blocks', 'pretrain_corpus',
@@ -68,6 +69,19 @@ class PretrainRecipe(Recipe):
     warmup_steps: int | None = None      # absolute phase lengths override the ratios (fresh decays)
     decay_steps: int | None = None
     save_steps: int | None = 1000
+    RUN_FILES: typing.ClassVar[tuple] = Recipe.RUN_FILES + ('tokenizer',)   # a tokenizer trained on the corpus
+
+    def validate(self):
+        super().validate()
+        if self.warmup_steps is None and self.decay_steps is None and self.warmup_ratio + self.decay_ratio > 1:
+            raise ConfigError(f'{self.name or self.stage}: warmup_ratio + decay_ratio must be <= 1, got {self.warmup_ratio} + {self.decay_ratio}')
+        return self
+
+PretrainRecipe.RULES = dict(
+    tokenizer_vocab_size=at_least(265, why='256 bytes and 9 special tokens'), data_max_files=at_least(1, or_none=True),
+    hub_validation_texts=at_least(1), block_size=at_least(2), tokens_per_step=at_least(1, or_none=True),
+    max_val_blocks=at_least(1, or_none=True), decay_ratio=within(0, 1), min_lr_ratio=within(0, 1), decay=one_of(*WSD_DECAYS),
+    warmup_steps=at_least(0, or_none=True), decay_steps=at_least(0, or_none=True))
 
 # %% ../nbs/10_pretrain.ipynb #6785c5c2
 class WSDTrainer(AtomicCheckpointMixin, Trainer):
@@ -91,7 +105,7 @@ def collate_blocks(features: list[dict]) -> dict:
 def pretrain_corpus(recipe: PretrainRecipe):
     "Training and validation text for a pretraining recipe: DatasetDict(train, validation) or a pair of streams."
     import datasets
-    from small_doge.data import load_hub_mix, load_local, pystdlib_corpus
+    from small_doge.data import load_hub_mix, load_local, load_saved_corpus, pystdlib_corpus, split_corpus
     data = recipe.data
     if isinstance(data, str) and data == 'pystdlib': return pystdlib_corpus(max_files=recipe.data_max_files)
     if isinstance(data, str) and data.startswith('hub:'):
@@ -99,13 +113,12 @@ def pretrain_corpus(recipe: PretrainRecipe):
         n = recipe.hub_validation_texts
         return datasets.IterableDatasetDict(train=stream.skip(n), validation=stream.take(n))
     paths = [data] if isinstance(data, str) else list(data)
-    if len(paths) == 1 and (Path(paths[0])/'dataset_dict.json').is_file():
-        dsd = datasets.load_from_disk(paths[0])
+    if len(paths) == 1 and (Path(paths[0]).expanduser()/'dataset_dict.json').is_file():
+        dsd = load_saved_corpus(paths[0])
     else:
         for p in paths:
             if not Path(p).expanduser().exists(): raise DataError(f'pretraining data not found: {p}')
-        split = load_local(paths).train_test_split(test_size=0.05, seed=recipe.seed)
-        dsd = datasets.DatasetDict(train=split['train'], validation=split['test'])
+        dsd = split_corpus(load_local(paths), valid_frac=0.05, seed=recipe.seed)   # one big file: cut by lines
     missing = {'train', 'validation'} - set(dsd)
     if missing: raise DataError(f'{data}: the corpus needs train and validation splits, missing {sorted(missing)}')
     return dsd
@@ -116,10 +129,10 @@ def pretrain_tokenizer(recipe: PretrainRecipe, texts=None):
     saved = recipe.run_dir()/'tokenizer'
     path = recipe.tokenizer or (saved if (saved/'tokenizer.json').is_file() else None)
     if path is not None:
-        if Path(path).expanduser().exists() or not re.fullmatch(r'[\w.-]+/[\w.-]+', str(path)):
-            return load_tokenizer(Path(path).expanduser())   # CheckpointError naming the directory if missing
+        if not looks_like_hub_id(path): return load_tokenizer(Path(path).expanduser())   # CheckpointError naming it if missing
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(path))      # a hub id (needs the internet)
+        try: return AutoTokenizer.from_pretrained(str(path))  # a hub id (needs the internet)
+        except OSError as e: raise CheckpointError(f'tokenizer {path}: no such local folder, and the hub gave: {str(e).splitlines()[0]}') from e
     if texts is None: raise ConfigError('recipe.tokenizer is not set and no texts were given to train one')
     tok = train_tokenizer(texts, vocab_size=recipe.tokenizer_vocab_size, model_max_length=recipe.block_size)
     if int(os.environ.get('RANK', '0')) == 0: save_tokenizer(tok, saved)
@@ -157,6 +170,7 @@ def pretrain(recipe: PretrainRecipe | str | Path, callbacks: list | None = None,
     if isinstance(recipe.data, str) and recipe.data.startswith('hub:') and recipe.max_steps <= 0:
         raise ConfigError('streamed (hub:) data needs max_steps > 0')
     with begin_stage(recipe) as st:
+        if st.done: return st.done
         corpus = pretrain_corpus(recipe)
         streamed = not hasattr(corpus['train'], '__len__')
         tokenizer = pretrain_tokenizer(recipe, None if streamed else corpus['train']['text'])
@@ -170,9 +184,12 @@ def pretrain(recipe: PretrainRecipe | str | Path, callbacks: list | None = None,
             val = pack_dataset(corpus['validation'], tokenizer, recipe.block_size)
         from small_doge.data import first_rows
         val = first_rows(val, recipe.max_val_blocks)
+        for name, blocks in (('training', train), ('validation', val)):
+            if hasattr(blocks, '__len__') and len(blocks) == 0:
+                raise DataError(f'the {name} text is shorter than one block of {recipe.block_size} tokens: give more text or a smaller block_size')
         t_data = time.time() - st.t0
         model = build_model(recipe, tokenizer)
-        if st.resume: check_checkpoint_fits(st.resume, model.config)
+        if st.resume: check_checkpoint_fits(st.resume, model.config, tokenizer)
         accum = recipe.gradient_accumulation_steps
         if recipe.tokens_per_step:
             accum = max(1, round(recipe.tokens_per_step / (recipe.block_size * recipe.per_device_train_batch_size * world_size())))

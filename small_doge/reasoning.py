@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_reasoning.ipynb #9629ac88
 from __future__ import annotations
-import copy, dataclasses, os, time
+import copy, dataclasses, os, time, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np, torch
 
 from .core import ConfigError, DataError, in_test, seed_everything
-from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, quiet, training_arguments
+from .runs import AtomicCheckpointMixin, Recipe, above, as_recipe, at_least, begin_stage, quiet, training_arguments
 from .dpo import frozen_copy
-from .sft import generate_replies, load_model_and_tokenizer, router_aux_loss_coef
+from .sft import generate_replies, load_model_and_tokenizer, resolve_model_path, router_aux_loss_coef
 
 # %% auto #0
 __all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'replay_blocks', 'replay_batches',
@@ -86,6 +86,25 @@ class ReasonRecipe(Recipe):
     reward_weights: list = field(default_factory=lambda: [1.0, 1.0])   # accuracy, format
     lr_scheduler_type: str = 'constant_with_warmup'
     save_steps: int | None = None
+    RUN_FILES: typing.ClassVar[tuple] = Recipe.RUN_FILES + ('trace-sft', 'grpo')
+
+    def validate(self):
+        super().validate()
+        where = self.name or self.stage
+        if self.max_operands < self.min_operands:
+            raise ConfigError(f'{where}: max_operands ({self.max_operands}) must be >= min_operands ({self.min_operands})')
+        if (self.per_device_train_batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ConfigError(f'{where}: per_device_train_batch_size x gradient_accumulation_steps ({self.per_device_train_batch_size} x '
+                              f'{self.gradient_accumulation_steps}) must be a multiple of num_generations ({self.num_generations})')
+        return self
+
+ReasonRecipe.RULES = dict(
+    n_train=at_least(1), n_test=at_least(2), min_operands=at_least(2), max_value=at_least(1), max_eval_examples=at_least(2),
+    eval_samples=at_least(1), max_prompt_length=at_least(1), sft_learning_rate=above(0), sft_epochs=above(0),
+    sft_max_steps=at_least(1, also=(-1,)), sft_batch_size=at_least(1), sft_max_length=at_least(1), num_generations=at_least(2),
+    num_iterations=at_least(1), max_completion_length=at_least(1), temperature=above(0), beta=at_least(0),
+    replay_weight=at_least(0), replay_batch_size=at_least(1), replay_block_size=at_least(2))
+
 
 # %% ../nbs/13_reasoning.ipynb #5800ad6d
 def reasoning_datasets(recipe: ReasonRecipe, tokenizer=None):
@@ -241,7 +260,9 @@ def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = No
     recipe = as_recipe(recipe, 'reason', **overrides)
     if recipe.eval_samples < 1: raise ConfigError(f'eval_samples must be at least 1, got {recipe.eval_samples}')
     accuracy_check_reward(recipe.accuracy_check)      # a bad name fails now, not after trace SFT
+    resolve_model_path(recipe.model_path)            # a missing model fails first
     with begin_stage(recipe, checkpoint_dir=recipe.run_dir()/'grpo') as st:
+        if st.done: return st.done
         model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
         dsd = reasoning_datasets(recipe, tokenizer)
         from small_doge.data import first_rows
@@ -249,6 +270,7 @@ def run_reasoning(recipe: ReasonRecipe | str | Path, callbacks: list | None = No
         measure = lambda m: heldout_accuracy(m, tokenizer, test, recipe)
         start = measure(model)
         t1 = time.time()
+        st.started()                                 # the folder holds this run from here (trace SFT has no checkpoints)
         sft_logs = [] if recipe.skip_sft else run_trace_sft(recipe, model, tokenizer, dsd, callbacks).state.log_history
         after_sft = start if recipe.skip_sft else measure(model)
         t2 = time.time()

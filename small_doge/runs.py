@@ -4,22 +4,26 @@
 
 # %% ../nbs/18_runs.ipynb #dc7d9acc
 from __future__ import annotations
-import dataclasses, difflib, importlib, json, os, re, shutil, time, types, typing
-from dataclasses import dataclass, fields
+import dataclasses, difflib, importlib, json, math, os, re, shutil, socket, sys, time, types, typing
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .core import CheckpointError, ConfigError, atomic_write, doge_home, seed_everything
+from .core import (CheckpointError, ConfigError, atomic_write, check_writable, doge_home, is_inside, listing,
+                             seed_everything)
 
 # %% auto #0
-__all__ = ['RECIPE_STAGES', 'STAGE_RUNNERS', 'CHECKPOINT_PREFIX', 'CHECKPOINT_FILES', 'ARCH_FIELDS', 'Recipe', 'make_recipe',
-           'recipes_dir', 'list_recipes', 'load_recipe', 'parse_overrides', 'save_recipe', 'as_recipe', 'start_run',
-           'run_recipe', 'training_arguments', 'quiet', 'list_checkpoints', 'last_checkpoint', 'AtomicCheckpointMixin',
-           'resolve_resume', 'check_checkpoint_fits', 'world_size', 'save_final_model', 'eval_history', 'write_results',
-           'Stage', 'begin_stage']
+__all__ = ['RECIPE_STAGES', 'STAGE_RUNNERS', 'CHECKPOINT_PREFIX', 'CHECKPOINT_FILES', 'ARCH_FIELDS', 'OPTIMIZER_STATE',
+           'LOCK_FILE', 'RUN_CONTROL', 'UNCOMPARED', 'Recipe', 'Rule', 'at_least', 'above', 'within', 'one_of',
+           'make_recipe', 'recipes_dir', 'list_recipes', 'load_recipe', 'parse_overrides', 'save_recipe', 'as_recipe',
+           'start_run', 'run_recipe', 'training_arguments', 'quiet', 'list_checkpoints', 'last_checkpoint',
+           'is_write_failure', 'write_failure', 'AtomicCheckpointMixin', 'resolve_resume', 'check_checkpoint_fits',
+           'check_resumable', 'checkpoint_steps', 'lock_run_dir', 'unlock_run_dir', 'RunState', 'run_state',
+           'as_record', 'recipe_changes', 'clear_run', 'world_size', 'save_final_model', 'eval_history',
+           'write_results', 'check_free_disk', 'Stage', 'begin_stage']
 
 # %% ../nbs/18_runs.ipynb #9298ed73
 @dataclass
@@ -48,15 +52,58 @@ class Recipe:
     save_steps: int | None = 500         # None: no intermediate checkpoints
     save_total_limit: int | None = 2
     resume_from_checkpoint: bool | str | None = None   # True: the last complete checkpoint in output_dir, if any
+    overwrite: bool = False              # start over in an output_dir that holds another run (only a run's own files go)
+    reset_optimizer: bool = False        # resume from a checkpoint's weights with a fresh optimizer and schedule
+    allow_recipe_change: bool = False    # resume a run with other settings than those it was started with
     attn_backend: str = 'sdpa'           # Doge attention implementation ('eager', 'sdpa', 'triton')
     num_threads: int | None = None       # torch CPU threads for this run (None: leave as is)
     dataloader_num_workers: int = 0
     report_to: str = 'none'
     disable_tqdm: bool = False
 
+    RUN_FILES: typing.ClassVar[tuple] = ('model', 'results.json', 'recipe.yaml')   # what a stage writes (and checkpoint-N)
+
     def run_dir(self) -> Path:
         "The output directory (`output_dir`, or `doge_home()/runs/<name or stage>`)."
         return Path(self.output_dir).expanduser() if self.output_dir else doge_home()/'runs'/(self.name or self.stage)
+
+    def validate(self):
+        "Check every field against the `RULES` of its class and bases (floats must be finite); one `ConfigError`. Returns self."
+        where, rules = self.name or self.stage or 'recipe', {}
+        for cls in reversed(type(self).__mro__): rules.update(vars(cls).get('RULES', {}))
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v): raise ConfigError(f'{where}: {f.name} must be a finite number, got {v}')
+            if f.name in rules and not rules[f.name].test(v): raise ConfigError(f'{where}: {f.name} must be {rules[f.name].says}, got {v!r}')
+        return self
+
+# %% ../nbs/18_runs.ipynb #bd1ec5a1
+class Rule(typing.NamedTuple):
+    "An allowed range for a recipe field: `test(value) -> bool`, and what it `says` in an error message."
+    test: typing.Callable
+    says: str
+
+def _rule(test, says, or_none=False, also=(), why=''):
+    def ok(v): return (or_none and v is None) or any(v == a for a in also) or (isinstance(v, (int, float)) and test(v))
+    return Rule(ok, says + ''.join(f' or {a!r}' for a in also) + (' or null' if or_none else '') + (f' ({why})' if why else ''))
+
+def at_least(n, **kw) -> Rule: return _rule(lambda v: v >= n, f'>= {n}', **kw)
+def above(x, **kw) -> Rule: return _rule(lambda v: v > x, f'> {x}', **kw)
+def within(lo, hi, lo_open=False, hi_open=False, **kw) -> Rule:
+    def test(v): return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return _rule(test, f'in {"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}', **kw)
+def one_of(*choices) -> Rule:
+    said = [repr(c) for c in choices]
+    return Rule(lambda v: v in choices, ', '.join(said[:-1]) + ' or ' + said[-1] if len(said) > 1 else said[0])
+
+Recipe.RULES = dict(
+    seed=within(0, 2**32 - 1), learning_rate=above(0), num_train_epochs=above(0), warmup_ratio=within(0, 1),
+    max_steps=at_least(1, also=(-1,), why='-1 trains for num_train_epochs; 0 steps would save an untrained model'),
+    per_device_train_batch_size=at_least(1), per_device_eval_batch_size=at_least(1), gradient_accumulation_steps=at_least(1),
+    weight_decay=at_least(0), adam_beta1=within(0, 1, hi_open=True), adam_beta2=within(0, 1, hi_open=True),
+    adam_epsilon=above(0), max_grad_norm=at_least(0), logging_steps=at_least(1), eval_steps=at_least(1, or_none=True),
+    save_steps=at_least(1, or_none=True), save_total_limit=at_least(1, or_none=True), num_threads=at_least(1, or_none=True),
+    dataloader_num_workers=at_least(0))
 
 # %% ../nbs/18_runs.ipynb #478200bc
 RECIPE_STAGES = {'pretrain': 'small_doge.pretrain:PretrainRecipe', 'sft': 'small_doge.sft:SFTRecipe',
@@ -68,6 +115,7 @@ def _import_obj(spec: str):
     module, name = spec.split(':')
     return getattr(importlib.import_module(module), name)
 
+# %% ../nbs/18_runs.ipynb #e376e429
 def _coerce(value, hint, key: str, where: str):
     "Convert a YAML value to the declared type `hint`, or raise a ConfigError naming `key`."
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -98,6 +146,7 @@ def _coerce(value, hint, key: str, where: str):
     if ok is None: raise ConfigError(f'{where}: {key!r} must be {getattr(origin, "__name__", origin)}, got {value!r}')
     return ok
 
+# %% ../nbs/18_runs.ipynb #41f9ae85
 def make_recipe(cls, values: dict, where: str = 'recipe'):
     "Build the recipe dataclass `cls` from `values`: unknown keys and wrong types raise `ConfigError`."
     if not isinstance(values, dict): raise ConfigError(f'{where}: a recipe must be a mapping of keys to values, got {type(values).__name__}')
@@ -109,7 +158,7 @@ def make_recipe(cls, values: dict, where: str = 'recipe'):
             raise ConfigError(f'{where}: unknown key {key!r} for stage {cls.stage!r}'
                               + (f' (did you mean {close[0]!r}?)' if close else ''))
         kwargs[key] = _coerce(value, hints[key], key, where)
-    return cls(**kwargs)
+    return cls(**kwargs).validate()
 
 # %% ../nbs/18_runs.ipynb #8ed8ae14
 def recipes_dir() -> Path:
@@ -128,16 +177,21 @@ def load_recipe(path_or_name, **overrides) -> Recipe:
         if p.parent != Path('.') or not packaged.is_file():
             raise ConfigError(f'recipe not found: {path_or_name} (not a file, nor a packaged recipe: {", ".join(list_recipes())})')
         p = packaged
-    try: values = yaml.safe_load(p.read_text(encoding='utf-8'))
-    except yaml.YAMLError as e: raise ConfigError(f'{p}: not valid YAML: {e}') from e
+    try: values = yaml.safe_load(p.read_bytes().decode('utf-8'))
+    except UnicodeDecodeError as e: raise ConfigError(f'{p}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8') from e
+    except OSError as e: raise ConfigError(f'{p}: cannot read the recipe: {e.strerror or e}') from e
+    except yaml.YAMLError as e: raise ConfigError(f'{p}: not valid YAML: {" ".join(str(e).split())}') from e
     if not isinstance(values, dict): raise ConfigError(f'{p}: a recipe must be a mapping of keys to values')
     values = {**values, **overrides}
     stage = values.get('stage')
-    if stage not in RECIPE_STAGES:
+    if not isinstance(stage, str) or stage not in RECIPE_STAGES:
         raise ConfigError(f'{p}: stage must be one of {sorted(RECIPE_STAGES)}, got {stage!r}')
     values.setdefault('name', p.stem)
+    shared = {f.name for f in fields(Recipe)}   # checked first, before the stage's module (and torch) is imported
+    make_recipe(Recipe, {k: v for k, v in values.items() if k in shared}, where=str(p))
     return make_recipe(_import_obj(RECIPE_STAGES[stage]), values, where=str(p))
 
+# %% ../nbs/18_runs.ipynb #fafd2f46
 def parse_overrides(items) -> dict:
     "`['key=value', ...]` (the CLI's `--set`) to a dict, each value read as YAML (`1e-3`, `true`, `[1, 2]`, `null`)."
     out = {}
@@ -153,8 +207,9 @@ def save_recipe(recipe: Recipe, path) -> Path:
     with atomic_write(path) as f: yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
     return Path(path)
 
-def as_recipe(recipe, stage: str, **overrides):
+def as_recipe(recipe, stage: str, /, **overrides):
     "`recipe` (a recipe object, a path or a packaged name) with `overrides` applied; it must be for `stage`."
+    if 'stage' in overrides: raise ConfigError(f'the stage cannot be overridden (this runs {stage!r} recipes; got stage={overrides["stage"]!r})')
     if isinstance(recipe, (str, Path)): recipe = load_recipe(recipe, **overrides)
     elif not dataclasses.is_dataclass(recipe): raise ConfigError(f'expected a recipe, got {type(recipe).__name__}')
     elif overrides: recipe = make_recipe(type(recipe), {**dataclasses.asdict(recipe), **overrides}, where=recipe.name or stage)
@@ -162,6 +217,7 @@ def as_recipe(recipe, stage: str, **overrides):
         raise ConfigError(f'recipe {recipe.name!r} is for stage {recipe.stage!r}, not {stage!r}')
     return recipe
 
+# %% ../nbs/18_runs.ipynb #df26a3c4
 def start_run(recipe: Recipe):
     "Seed everything with the recipe's seed and apply its CPU thread count; call first in every stage."
     import torch
@@ -220,9 +276,29 @@ def last_checkpoint(output_dir) -> Path | None:
     cks = list_checkpoints(output_dir)
     return cks[-1] if cks else None
 
+# %% ../nbs/18_runs.ipynb #962fa5fb
+_WRITE_FAILURES = ('space left', 'os error', 'inline_container', 'failed writing', 'file write failed', 'quota',
+                   'file too large', 'read-only file system')
+
+def is_write_failure(e: BaseException) -> bool:
+    "True for an error that reports a failed write: an `OSError`, or torch's and safetensors' own (a full disk)."
+    return isinstance(e, OSError) or any(s in str(e).lower() for s in _WRITE_FAILURES)
+
+def write_failure(e: BaseException, folder) -> str:
+    "What went wrong writing into `folder`, for a one-line message (how much room is left when the disk is nearly full)."
+    try: free = shutil.disk_usage(folder).free
+    except OSError: free = None
+    full = f'the disk is full ({free / 2**20:.1f} MB free): ' if free is not None and free < 64 * 2**20 else ''
+    return full + ' '.join(f'{type(e).__name__}: {e}'.split())
+
+# %% ../nbs/18_runs.ipynb #a484642f
 class AtomicCheckpointMixin:
     "Trainer mixin: each checkpoint is written under a hidden staging name, then renamed into place."
     _staging_dir = None
+    reset_optimizer = False     # set by `Stage.trainer`: a resume keeps the weights, not the optimizer and schedule
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.reset_optimizer: super()._load_optimizer_and_scheduler(checkpoint)
 
     def _get_output_dir(self, trial):
         return self._staging_dir or super()._get_output_dir(trial)
@@ -236,10 +312,11 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
         self._staging_dir = str(staging)
         try: super()._save_checkpoint(model, trial)
-        except OSError as e:
+        except Exception as e:
+            if not is_write_failure(e): raise
             if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)
             prev = last_checkpoint(run_dir)
-            raise CheckpointError(f'could not write {name} in {run_dir}: {e}; ' + (
+            raise CheckpointError(f'could not write {name} in {run_dir}: {write_failure(e, run_dir)}; ' + (
                 f'the previous checkpoint {prev.name} is intact' if prev else 'there is no earlier checkpoint')) from e
         finally: self._staging_dir = None
         self.accelerator.wait_for_everyone()
@@ -269,8 +346,9 @@ def resolve_resume(recipe: Recipe) -> str | None:
         raise CheckpointError(f'{p} is not a complete checkpoint (needs {", ".join(CHECKPOINT_FILES)})')
     return str(p)
 
-def check_checkpoint_fits(checkpoint, config) -> None:
-    "Raise `CheckpointError` if the checkpoint's config.json describes another architecture than `config`."
+# %% ../nbs/18_runs.ipynb #da7e0128
+def check_checkpoint_fits(checkpoint, config, tokenizer=None) -> None:
+    "Raise `CheckpointError` if the checkpoint holds another architecture than `config` (or was trained with another `tokenizer`)."
     from small_doge.doge import DOGE_MODEL_TYPES
     cfg_file = Path(checkpoint)/'config.json'
     try: saved = json.loads(cfg_file.read_text())
@@ -281,6 +359,115 @@ def check_checkpoint_fits(checkpoint, config) -> None:
         if k in saved and saved[k] != getattr(config, k, None) and not (k.startswith('num_experts') and not config.is_moe):
             raise CheckpointError(f'{checkpoint} is from another architecture: {k}={saved[k]!r} there, '
                                   f'{getattr(config, k, None)!r} in this recipe')
+    theirs, ours = Path(checkpoint)/'tokenizer.json', getattr(tokenizer, 'backend_tokenizer', None)
+    if ours is not None and theirs.is_file():
+        try: same = json.loads(theirs.read_text())['model'] == json.loads(ours.to_str())['model']
+        except (OSError, ValueError, KeyError) as e: raise CheckpointError(f'cannot read {theirs}: {e}') from e
+        if not same: raise CheckpointError(f'{checkpoint} was trained with another tokenizer (other tokens or merges); '
+                                           'resume with the tokenizer it was trained with')
+
+# %% ../nbs/18_runs.ipynb #f9648c25
+OPTIMIZER_STATE = ('optimizer', 'scheduler')   # optimizer.pt, scheduler.pt (DeepSpeed: global_step*/, FSDP: optimizer_0/)
+
+def check_resumable(checkpoint, reset_optimizer: bool = False) -> str:
+    "`checkpoint` if it holds the optimizer and scheduler state a resume continues from; one `CheckpointError` if not."
+    names = [p.name for p in Path(checkpoint).iterdir()]
+    missing = [s for s in OPTIMIZER_STATE if not any(n.startswith((s, 'global_step')) for n in names)]
+    if missing and not reset_optimizer:
+        raise CheckpointError(f'{checkpoint} holds no {" or ".join(missing)} state: resuming would silently restart '
+                              'AdamW and the learning-rate schedule; pass --reset-optimizer (reset_optimizer: true) '
+                              'to continue from its weights with a fresh optimizer and schedule')
+    return str(checkpoint)
+
+def checkpoint_steps(checkpoint) -> tuple[int, int]:
+    "(global_step, max_steps) of a checkpoint, from its trainer state."
+    try: state = json.loads((Path(checkpoint)/'trainer_state.json').read_text())
+    except (OSError, ValueError) as e: raise CheckpointError(f'cannot read {checkpoint}/trainer_state.json: {e}') from e
+    return int(state.get('global_step', 0)), int(state.get('max_steps', 0))
+
+# %% ../nbs/18_runs.ipynb #36cb7d57
+LOCK_FILE = '.lock'
+
+def lock_run_dir(folder, what: str = 'a small-doge run'):
+    """Lock run folder `folder` for this process (a `.lock` file; the system releases it when the process ends, even
+    killed): returns the open lock file for `unlock_run_dir`, or raises one `ConfigError` naming the holder."""
+    try: import fcntl
+    except ImportError: return None                     # no advisory locks on this platform: no protection
+    path = Path(folder)/LOCK_FILE
+    while True:
+        f = open(path, 'a+', encoding='utf-8')
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0); holder = f.read().strip() or 'another process'; f.close()
+            raise ConfigError(f'{folder} is in use by {holder}; wait for it to finish, or choose another folder') from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino: break
+        except FileNotFoundError: pass
+        f.close()                                       # its holder removed the file as we opened it: take the new one
+    f.seek(0); f.truncate()
+    f.write(f'{what} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime("%Y-%m-%d %H:%M:%S")})'); f.flush()
+    return f
+
+def unlock_run_dir(lock):
+    "Release a lock taken by `lock_run_dir` and remove its file."
+    if lock is None: return
+    Path(lock.name).unlink(missing_ok=True)             # while still held: whoever opens it next gets a fresh file
+    lock.close()
+
+# %% ../nbs/18_runs.ipynb #a5963da0
+def _is_own_hidden(name: str) -> bool:
+    return name == LOCK_FILE or name.startswith(('.staging-', '.old-', '.write-test-')) or (name.startswith('.') and name.endswith('.tmp'))
+
+@dataclass
+class RunState:
+    "What a run folder holds: a run's own entries, anything else (`foreign`), checkpoints, a finished model, the recorded recipe."
+    folder: Path
+    own: list = field(default_factory=list)
+    foreign: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    finished: bool = False
+    record: dict | None = None
+
+    @property
+    def has_run(self) -> bool: return bool(self.own or self.checkpoints)
+
+    def describe(self) -> str: return listing(sorted({p.name for p in self.checkpoints} | set(self.own)))
+
+def run_state(recipe: Recipe, checkpoint_dir=None) -> RunState:
+    "Read the state of `recipe`'s run folder (checkpoints from `checkpoint_dir`, default the folder itself)."
+    out = recipe.run_dir()
+    st = RunState(out, checkpoints=list_checkpoints(checkpoint_dir or out))
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        if p.name in recipe.RUN_FILES or _CKPT_RE.match(p.name): st.own.append(p.name)
+        elif not _is_own_hidden(p.name): st.foreign.append(p.name)
+    st.finished = (out/'results.json').is_file() and (out/'model'/'config.json').is_file()
+    if (out/'recipe.yaml').is_file():
+        try: st.record = yaml.safe_load((out/'recipe.yaml').read_text(encoding='utf-8'))
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise CheckpointError(f'{out}/recipe.yaml is unreadable ({type(e).__name__}); --overwrite starts the run over') from e
+    return st
+
+# %% ../nbs/18_runs.ipynb #8ee11b82
+RUN_CONTROL = ('resume_from_checkpoint', 'overwrite', 'reset_optimizer', 'allow_recipe_change')
+UNCOMPARED = RUN_CONTROL + ('name', 'output_dir', 'disable_tqdm', 'report_to', 'logging_steps', 'num_threads',
+                            'dataloader_num_workers', 'per_device_eval_batch_size', 'eval_steps', 'save_steps', 'save_total_limit')
+
+def as_record(recipe: Recipe) -> Recipe:
+    "The recipe as a run folder records it: how to continue a run (resume, overwrite, ...) is not part of the run."
+    return dataclasses.replace(recipe, **{k: Recipe.__dataclass_fields__[k].default for k in RUN_CONTROL})
+
+def recipe_changes(record: dict, recipe: Recipe) -> list[str]:
+    "Settings of `recipe` that differ from the `record`ed ones (ignoring how the run is watched and saved)."
+    now = dataclasses.asdict(recipe)
+    return [f'{k} {record[k]!r} then, {now[k]!r} now' for k in now if k not in UNCOMPARED and k in record and record[k] != now[k]]
+
+def clear_run(state: RunState, recipe: Recipe):
+    "Delete a run's own files from its folder (`--overwrite`), never anything else, nor a folder the recipe reads from."
+    inputs = [v for f in fields(recipe) if f.name != 'output_dir' and isinstance(v := getattr(recipe, f.name), str) and v]
+    for p in state.folder.iterdir():
+        if not (p.name in state.own or (_is_own_hidden(p.name) and p.name != LOCK_FILE)): continue
+        if any(Path(v).expanduser().exists() and is_inside(v, p) for v in inputs): continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 # %% ../nbs/18_runs.ipynb #8bc428eb
 def world_size() -> int:
@@ -289,20 +476,28 @@ def world_size() -> int:
 
 def save_final_model(trainer, tokenizer, model_dir):
     "Save model + tokenizer under a staging name, then rename into place (main process), like checkpoints."
-    model_dir = Path(model_dir)
+    model_dir, main = Path(model_dir), trainer.is_world_process_zero()
     staging = model_dir.with_name(f'.staging-{model_dir.name}')
-    if trainer.is_world_process_zero(): shutil.rmtree(staging, ignore_errors=True)
+    if main: shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        (staging/'training_args.bin').unlink(missing_ok=True)   # a pickle; recipe.yaml beside the model says how it was trained
-        if tokenizer is not None: tokenizer.save_pretrained(str(staging))
+    try:
+        trainer.save_model(str(staging))
+        if main:
+            (staging/'training_args.bin').unlink(missing_ok=True)   # a pickle; recipe.yaml beside the model says how it was trained
+            if tokenizer is not None: tokenizer.save_pretrained(str(staging))
+    except Exception as e:
+        if not is_write_failure(e): raise
+        if main: shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f'could not save the final model in {model_dir}: {write_failure(e, model_dir.parent)}; '
+                              'the checkpoints are intact: make room, then run again with --resume') from e
+    if main:
         old = model_dir.with_name(f'.old-{model_dir.name}')
         if model_dir.exists(): os.replace(model_dir, old)
         os.replace(staging, model_dir)
         shutil.rmtree(old, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
 
+# %% ../nbs/18_runs.ipynb #6c047c3b
 def eval_history(log_history, key: str = 'eval_loss') -> list[tuple[int, float]]:
     "(step, value) pairs of `key` from a trainer's log history, one per step (the last logged)."
     return list({h['step']: (h['step'], h[key]) for h in log_history if key in h}.values())
@@ -312,39 +507,123 @@ def write_results(recipe: Recipe, result: dict, is_main: bool = True) -> dict:
     if is_main:
         out = recipe.run_dir()
         with atomic_write(out/'results.json') as f: json.dump(result, f, indent=1, default=str)
-        save_recipe(recipe, out/'recipe.yaml')
+        save_recipe(as_record(recipe), out/'recipe.yaml')
     return result
 
-# %% ../nbs/18_runs.ipynb #83d78987
+def check_free_disk(folder, model, checkpoints: bool = True) -> int:
+    "Raise `ConfigError` unless `folder`'s disk has room for a checkpoint (weights, AdamW's two moments) and the final model."
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need, free = weights * (4 if checkpoints else 1), shutil.disk_usage(folder).free
+    if free < need:
+        raise ConfigError(f'not enough free disk for {folder}: {free / 2**20:.1f} MB free, but '
+                          f'{"a checkpoint and " if checkpoints else ""}the final model need about {need / 2**20:.1f} MB; '
+                          'make room or choose another output_dir')
+    return need
+
+# %% ../nbs/18_runs.ipynb #7b1dcbd5
 class Stage:
     "A training stage under way: its recipe, run folder, the checkpoint it resumes from, its clock. See `begin_stage`."
     def __init__(self, recipe: Recipe, checkpoint_dir=None):
-        self.recipe, self.out, self.t0 = recipe, recipe.run_dir(), time.time()
+        self.recipe, self.out, self.t0 = recipe.validate(), recipe.run_dir(), time.time()
         self.model_dir = self.out/'model'
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else self.out
+        self.is_main = int(os.environ.get('RANK', '0')) == 0
+        self.done, self._lock, self._new_folder = None, None, not self.out.exists()
+        if self.is_main:
+            check_writable(self.out)
+            self._lock = lock_run_dir(self.out, f'a {recipe.stage} run ({recipe.name or "unnamed"})')
+        try: self.resume = self._plan()
+        except BaseException: self.close(failed=True); raise
         start_run(recipe)
-        self.resume = resolve_resume(dataclasses.replace(recipe, output_dir=str(self.checkpoint_dir)))
 
     def __enter__(self): return self
-    def __exit__(self, *exc): return False
+    def __exit__(self, exc_type, *exc): self.close(failed=exc_type is not None); return False
 
-    def trainer(self, trainer):
-        "Make `trainer` ready for this stage (its printed output as the recipe asks); returns it."
-        return quiet(trainer, self.recipe)
+    def close(self, failed: bool = False):
+        "Release the folder's lock; a folder this stage created and left empty (a failed start) is removed."
+        if self._lock is None: return
+        unlock_run_dir(self._lock); self._lock = None
+        if failed and self._new_folder and not any(self.out.iterdir()): self.out.rmdir()
 
-    def train(self, trainer):
-        "Train, continuing from `self.resume` when there is a checkpoint to resume from; returns the `TrainOutput`."
-        return trainer.train(resume_from_checkpoint=self.resume)
+# %% ../nbs/18_runs.ipynb #f829b0b2
+def _plan(self: Stage) -> str | None:
+    "Fresh start (None), a resume (the checkpoint), or nothing to do (`self.done`), from the folder and the recipe."
+    r, out = self.recipe, self.out
+    st = run_state(r, self.checkpoint_dir)
+    asked = r.resume_from_checkpoint not in (None, False, '')
+    given = asked and r.resume_from_checkpoint not in (True, 'last')         # a checkpoint's path
+    def refuse(message):   # the main process checks the folder; the others (which may look later) follow its plan
+        if self.is_main: raise ConfigError(message)
+    if st.foreign and not r.overwrite:
+        refuse(f'{out} is not empty and is not a small-doge run folder (it holds {listing(st.foreign)}); '
+               'choose a new or empty output_dir, or pass --overwrite to write beside those files')
+    if r.overwrite or not st.has_run:
+        ck = resolve_resume(r) if given or (asked and not r.overwrite) else None
+        if r.overwrite and ck and is_inside(ck, out): raise ConfigError(f'--overwrite would delete {ck}, the checkpoint to resume from')
+        if r.overwrite and self.is_main: clear_run(st, r)
+        return ck and check_resumable(ck, r.reset_optimizer)
+    if not asked:
+        return refuse(f'{out} already holds a run ({st.describe()}): continue it with --resume '
+                      '(resume_from_checkpoint: true), start over with --overwrite, or choose another output_dir')
+    changes = []
+    if st.record is not None:
+        if st.record.get('stage') != r.stage: refuse(f'{out} holds a {st.record.get("stage")!r} run, not {r.stage!r}')
+        changes = recipe_changes(st.record, r)
+        if changes and not r.allow_recipe_change:
+            refuse(f'{out} was started with other settings ({listing(changes, 3)}): resume with the same settings, '
+                   'or pass --allow-recipe-change to continue with the new ones, or --overwrite to start over')
+    if st.finished and not changes and not given:
+        self.done = dict(json.loads((out/'results.json').read_text()), nothing_to_do=True)
+        if self.is_main: print(f'{r.stage}: nothing to do: {out} holds the finished run ({self.done.get("steps", "?")} steps); '
+                               '--overwrite starts it over', file=sys.stderr)
+        return None
+    ck = resolve_resume(r if given else dataclasses.replace(r, output_dir=str(self.checkpoint_dir)))
+    if ck is None:
+        if st.finished: refuse(f'{out} holds a finished run and no checkpoint to continue from: --overwrite starts over')
+        return None                      # stopped before its first checkpoint: nothing to mix with, a fresh start
+    step = checkpoint_steps(ck)[0]
+    mixed = [p.name for p in st.checkpoints if not is_inside(ck, self.checkpoint_dir) or checkpoint_steps(p)[0] > step]
+    if mixed: refuse(f'resuming from {ck} would mix it with {listing(mixed)} in {self.checkpoint_dir}: '
+                     'resume from the newest checkpoint there, or --overwrite to start over')
+    return check_resumable(ck, r.reset_optimizer)
+Stage._plan = _plan
 
-    def finish(self, trainer, tokenizer, result: dict) -> dict:
-        "Save the final model with its tokenizer, then write `results.json` and `recipe.yaml`; returns the full result."
-        save_final_model(trainer, tokenizer, self.model_dir)
-        r = self.recipe
-        logs = {k: result.pop(k) for k in list(result) if k.endswith('log_history')}   # long: kept last
-        result = dict(stage=r.stage, name=r.name, output_dir=str(self.out), model_dir=str(self.model_dir), **result,
-                      resumed_from=self.resume, seconds=round(time.time() - self.t0, 1), **logs)
-        return write_results(r, result, trainer.is_world_process_zero())
+# %% ../nbs/18_runs.ipynb #9d610d70
+def _trainer(self: Stage, trainer):
+    "Make `trainer` ready: the optimizer reset if asked, room on disk checked, printed output as the recipe asks."
+    trainer.reset_optimizer = self.recipe.reset_optimizer
+    if self.is_main: check_free_disk(self.out, trainer.model, checkpoints=bool(self.recipe.save_steps))
+    return quiet(trainer, self.recipe)
+
+def _started(self: Stage):
+    "Record the recipe in the run folder (`recipe.yaml`): from now on the folder holds this run."
+    if self.is_main: save_recipe(as_record(self.recipe), self.out/'recipe.yaml')
+
+def _train(self: Stage, trainer):
+    "Train, continuing from `self.resume` if set; a checkpoint at the run's last step is loaded, not trained past."
+    self.started()
+    if self.resume:
+        step, last = checkpoint_steps(self.resume)
+        if step >= (trainer.args.max_steps if trainer.args.max_steps > 0 else last) > 0:
+            from transformers.trainer_callback import TrainerState
+            from transformers.trainer_utils import TrainOutput
+            trainer._load_from_checkpoint(self.resume)          # the weights, as transformers' own resume loads them
+            trainer.state = TrainerState.load_from_json(str(Path(self.resume)/'trainer_state.json'))
+            return TrainOutput(step, None, {})                   # no step was trained by this call
+    return trainer.train(resume_from_checkpoint=self.resume)
+
+# %% ../nbs/18_runs.ipynb #66bf1d35
+def _finish(self: Stage, trainer, tokenizer, result: dict) -> dict:
+    "Save the final model with its tokenizer, then write `results.json` and `recipe.yaml`; returns the full result."
+    save_final_model(trainer, tokenizer, self.model_dir)
+    r = self.recipe
+    logs = {k: result.pop(k) for k in list(result) if k.endswith('log_history')}   # long: kept last
+    result = dict(stage=r.stage, name=r.name, output_dir=str(self.out), model_dir=str(self.model_dir), **result,
+                  resumed_from=self.resume, seconds=round(time.time() - self.t0, 1), **logs)
+    return write_results(r, result, trainer.is_world_process_zero())
+
+Stage.trainer, Stage.started, Stage.train, Stage.finish = _trainer, _started, _train, _finish
 
 def begin_stage(recipe: Recipe, checkpoint_dir=None) -> Stage:
-    "Begin a training stage (seeds, threads, the checkpoint to resume from): `with begin_stage(recipe) as st: ...`."
+    "Begin a training stage (folder locked and checked, seeds, the checkpoint to resume from): `with begin_stage(recipe) as st:`."
     return Stage(recipe, checkpoint_dir)

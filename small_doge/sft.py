@@ -4,20 +4,22 @@
 
 # %% ../nbs/11_sft.ipynb #d09e7402
 from __future__ import annotations
-import dataclasses, math, os, re, time
+import dataclasses, math, os, re, time, typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .core import CheckpointError, ConfigError, DataError, doge_home, in_test, seed_everything
-from .runs import AtomicCheckpointMixin, Recipe, as_recipe, begin_stage, eval_history, training_arguments
+from .core import (CheckpointError, ConfigError, DataError, doge_home, in_test, looks_like_hub_id, no_such_path,
+                             seed_everything)
+from .runs import (AtomicCheckpointMixin, Recipe, above, as_recipe, at_least, begin_stage, eval_history,
+                             training_arguments, within)
 
 # %% auto #0
 __all__ = ['resolve_model_path', 'load_model_and_tokenizer', 'answer_loss', 'generate_replies', 'stop_rate',
-           'router_aux_loss_coef', 'SFTRecipe', 'load_examples', 'sft_datasets', 'sft_trainer_class',
-           'held_out_metrics', 'run_sft']
+           'router_aux_loss_coef', 'SFTRecipe', 'local_data', 'check_messages', 'load_examples', 'sft_datasets',
+           'sft_trainer_class', 'held_out_metrics', 'run_sft']
 
 # %% ../nbs/11_sft.ipynb #3c13cfc6
 def resolve_model_path(spec: str | Path) -> str:
@@ -31,9 +33,12 @@ def resolve_model_path(spec: str | Path) -> str:
         return str(path)
     p = Path(spec).expanduser()
     if p.exists():
-        return str(p/'model') if (p/'model'/'config.json').is_file() and not (p/'config.json').is_file() else str(p)
-    if re.fullmatch(r'[\w.-]+/[\w.-]+', spec) and not spec.startswith(('.', '/', '~')): return spec
-    raise CheckpointError(f'model not found: {spec}')
+        path = p/'model' if (p/'model'/'config.json').is_file() and not (p/'config.json').is_file() else p
+        if path.is_dir() and not (path/'config.json').is_file():
+            raise CheckpointError(f'{path} is not a model folder (no config.json) nor a run folder with a finished model/')
+        return str(path)
+    if looks_like_hub_id(spec): return spec         # only when it cannot be a local path, and the hub is not switched off
+    raise CheckpointError(f'model not found: {no_such_path(spec, "file or folder")}')
 
 def load_model_and_tokenizer(spec: str, attn_backend: str | None = None):
     "Load a Doge model and its tokenizer (saved together), with generation set to stop at EOS or `<|im_end|>`."
@@ -42,8 +47,12 @@ def load_model_and_tokenizer(spec: str, attn_backend: str | None = None):
     from small_doge.tokenizer import load_tokenizer, stop_token_ids
     path = resolve_model_path(spec)
     kw = {'attn_backend': attn_backend} if attn_backend else {}
-    model = DogeForCausalLM.from_pretrained(path, **kw)
-    tokenizer = load_tokenizer(path) if Path(path).is_dir() else AutoTokenizer.from_pretrained(path)
+    try:
+        model = DogeForCausalLM.from_pretrained(path, **kw)
+        tokenizer = load_tokenizer(path) if Path(path).is_dir() else AutoTokenizer.from_pretrained(path)
+    except OSError as e:           # a hub id that is not there, or no network; a local folder with missing weights
+        where = 'the Hugging Face hub' if not Path(path).exists() else path
+        raise CheckpointError(f'cannot load the model {spec} from {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
     if tokenizer.chat_template is None: raise ConfigError(f'the tokenizer of {path} has no chat template')
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -131,6 +140,27 @@ class SFTRecipe(Recipe):
     max_new_tokens: int = 64
     save_steps: int | None = None
 
+SFTRecipe.RULES = dict(data_max_examples=at_least(2, or_none=True), test_frac=within(0, 1, lo_open=True, hi_open=True),
+                       hub_test_examples=at_least(1), max_eval_examples=at_least(1), max_length=at_least(1),
+                       min_lr_rate=within(0, 1), max_new_tokens=at_least(1))
+
+def local_data(recipe, what: str) -> Path | None:
+    "The local file a recipe's `data` names (None for built-in and hub data); one `DataError` if it does not exist."
+    if recipe.data.startswith('hub:') or recipe.data in ('stdlib-instructions', 'stdlib-preferences'): return None
+    p = Path(recipe.data).expanduser()
+    if not p.is_file(): raise DataError(f'{what} not found: {p}')
+    return p
+
+def check_messages(ds, columns, source: str):
+    "Raise one `DataError` unless every column in `columns` holds conversations: lists of {role, content} messages."
+    import datasets
+    for col in columns:
+        f = ds.features[col]
+        inner = f.feature if isinstance(f, (datasets.List, datasets.Sequence)) else f[0] if isinstance(f, list) and f else None
+        if not (isinstance(inner, dict) and {'role', 'content'} <= set(inner)):
+            raise DataError(f'{source}: {col!r} must be a list of messages like [{{"role": "user", "content": "..."}}], '
+                            f'got {f}: plain strings are not conversations')
+
 def load_examples(recipe, columns: list[str], what: str):
     "A recipe's `hub:<preset>` or local JSON-lines/Parquet data, capped at `data_max_examples` and split (train, test)."
     import datasets
@@ -138,8 +168,7 @@ def load_examples(recipe, columns: list[str], what: str):
     if recipe.data.startswith('hub:'):
         ds = load_hub_mix(recipe.data[4:], streaming=False, seed=recipe.seed)
     else:
-        p = Path(recipe.data).expanduser()
-        if not p.is_file(): raise DataError(f'{what} not found: {p}')
+        p = local_data(recipe, what)
         ds = read_data_file('parquet' if p.suffix == '.parquet' else 'json', p, what)
     if missing := set(columns) - set(ds.column_names):
         raise DataError(f'{recipe.data}: {what} lacks columns {sorted(missing)} (has {ds.column_names})')
@@ -157,6 +186,7 @@ def sft_datasets(recipe: SFTRecipe):
     if recipe.data == 'stdlib-instructions':
         dsd = instruction_dataset(test_frac=recipe.test_frac, max_examples=recipe.data_max_examples, seed=recipe.seed)
     else: dsd = load_examples(recipe, ['messages'], 'SFT data')
+    check_messages(dsd['train'], ['messages'], f'{recipe.data}: SFT data')
     for k, ds in dsd.items():
         if len(ds) == 0: raise DataError(f'{recipe.data}: the {k} split is empty')
     return datasets.DatasetDict({k: v.select_columns(['messages']) for k, v in dsd.items()})
@@ -181,9 +211,11 @@ def run_sft(recipe: SFTRecipe | str | Path, callbacks: list | None = None, **ove
     "Fine-tune a model on conversations; returns held-out answer loss and stop rate before/after, paths and timings."
     from trl import SFTConfig
     recipe = as_recipe(recipe, 'sft', **overrides)
+    resolve_model_path(recipe.model_path); local_data(recipe, 'SFT data')    # missing inputs fail first
     with begin_stage(recipe) as st:
+        if st.done: return st.done
+        dsd = sft_datasets(recipe)                  # bad data fails before the model is loaded
         model, tokenizer = load_model_and_tokenizer(recipe.model_path, recipe.attn_backend)
-        dsd = sft_datasets(recipe)
         from small_doge.data import first_rows
         heldout = first_rows(dsd['test'], recipe.max_eval_examples)
         before = held_out_metrics(model, tokenizer, heldout['messages'], recipe.max_new_tokens)

@@ -25,14 +25,14 @@ class PauseAfterSave(TrainerCallback):
     "Signal the test once checkpoint-8 is complete, then wait to be killed."
     def on_save(self, args, state, control, **kw):
         if mode == 'pause-after-save' and state.global_step == 8:
-            Path(out, 'PAUSED').write_text('1'); time.sleep(600)
+            Path(out + '.paused').write_text('1'); time.sleep(600)
 
 if mode == 'pause-in-save':        # die while checkpoint-8 is half-written (weights there, optimiser not yet)
     from small_doge.doge import DogeForCausalLM
     orig, calls = DogeForCausalLM.save_pretrained, []
     def slow_save(self, *a, **k):
         calls.append(1); r = orig(self, *a, **k)
-        if len(calls) == 2: Path(out, 'PAUSED').write_text('1'); time.sleep(600)
+        if len(calls) == 2: Path(out + '.paused').write_text('1'); time.sleep(600)
         return r
     DogeForCausalLM.save_pretrained = slow_save
 
@@ -88,7 +88,7 @@ def _run_and_kill(s, out, mode, timeout=300):
     p = subprocess.Popen([sys.executable, str(s['script']), str(s['recipe']), str(out), mode], env=s['env'],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not (Path(out)/'PAUSED').exists():
+    while not Path(str(out) + '.paused').exists():
         if p.poll() is not None: raise AssertionError(f'run ended before the pause point: {p.stderr.read()[-3000:]}')
         if time.time() - t0 > timeout: p.kill(); raise AssertionError('timed out waiting for the pause point')
         time.sleep(0.2)
@@ -166,6 +166,7 @@ def test_checkpoint_from_another_architecture(setup, reference):
     fake = setup['dir']/'llama-ckpt'; fake.mkdir()
     (fake/'config.json').write_text(json.dumps({**cfg, 'model_type': 'llama'}))
     (fake/'trainer_state.json').write_text('{}')
+    for f in ('optimizer.pt', 'scheduler.pt'): (fake/f).write_bytes(b'')   # complete, apart from being a llama
     with pytest.raises(CheckpointError, match="'llama' model, not Doge"):
         pretrain(load_recipe(setup['recipe'], output_dir=str(setup['dir']/'other'), resume_from_checkpoint=str(fake)))
     with pytest.raises(CheckpointError, match='not a complete checkpoint'):
