@@ -258,6 +258,7 @@ def measured_effects(results: dict) -> list[dict]:
                          holds=m[final]['python_ppl'] <= 1.5 * m['pretrain']['python_ppl']))
     return rows
 
+# %% ../nbs/19_pipeline.ipynb #53d70b38
 def _one_line(name, info, seconds):
     "A stage's one-line console summary: its scalar numbers (the first few)."
     flat = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) and k not in ('path', 'output_dir', 'model_dir')}
