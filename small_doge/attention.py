@@ -20,8 +20,12 @@ def dynamic_bias(value_states: torch.Tensor, dt_proj_weight: torch.Tensor, A: to
         value_states = value_states.transpose(1, 2).reshape(value_states.shape[0], value_states.shape[2], -1)
     if value_states.dim() != 3:
         raise ValueError(f"value_states must be [B, Sk, Hkv*D] or [B, Hkv, Sk, D], got {tuple(value_states.shape)}")
-    dt = F.linear(value_states, dt_proj_weight, dt_proj_bias)            # [B, Sk, Hkv]
-    return torch.exp(A * F.softplus(dt)).transpose(-1, -2)               # [B, Hkv, Sk]
+    # A product and a sum over the last axis rather than F.linear, and the rest in float64, rounded once: a key's
+    # bits then depend on its own value vector only, so a bias cached while decoding equals the one a full forward
+    # recomputes (see below).
+    dt = (value_states[..., None, :] * dt_proj_weight).sum(-1)           # [B, Sk, Hkv]
+    if dt_proj_bias is not None: dt = dt + dt_proj_bias
+    return torch.exp(A.double() * F.softplus(dt.double())).to(dt.dtype).transpose(-1, -2)   # [B, Hkv, Sk]
 
 # %% ../nbs/05_dmattn.ipynb #c64a323c
 def _keys_best_first(bias: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,16 @@ def _sdpa_dmattn(query, key, value, bias, keep, scaling):
     out = out.reshape(B, Hkv, G, Sq, -1)
     return torch.where(has_key[:, :, None], out, 0.0).reshape(B, H, Sq, -1)
 
+# %% ../nbs/05_dmattn.ipynb #a3b9d4e2
+def _sdpa_causal_dmattn(query, key, value, bias, scaling):
+    "Square causal attention with every visible key kept: the bias as an extra key channel, SDPA's causal flag, no mask."
+    B, H, S, D = query.shape
+    G, pad = H // key.shape[1], (-(D + 1)) % 8
+    q = torch.cat([query, query.new_full((B, H, S, 1), 1.0 / scaling), query.new_zeros(B, H, S, pad)], -1)
+    k = torch.cat([key, bias[..., None].to(key.dtype), key.new_zeros(*key.shape[:3], pad)], -1)
+    if G > 1: k, value = k.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(q, k, value, is_causal=True, scale=scaling)
+
 # %% ../nbs/05_dmattn.ipynb #3618e78e
 BACKENDS = ('eager', 'sdpa', 'triton')
 
@@ -109,5 +123,8 @@ def dynamic_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         return dmattn_triton(query, key, value, bias, keep_window_size=keep_window_size,
                              attention_mask=attention_mask, scaling=scaling)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    keep = dynamic_mask(bias, query.shape[2], keep_window_size, attention_mask)
+    Sq, Sk = query.shape[2], key.shape[2]
+    if backend == 'sdpa' and attention_mask is None and Sq == Sk and (keep_window_size is None or keep_window_size >= Sk):
+        return _sdpa_causal_dmattn(query, key, value, bias, scaling)   # nothing is cut: no mask needed
+    keep = dynamic_mask(bias, Sq, keep_window_size, attention_mask)
     return (_eager_dmattn if backend == 'eager' else _sdpa_dmattn)(query, key, value, bias, keep, scaling)

@@ -139,25 +139,35 @@ def _eval_parser(p):
 def _sampling(p):
     "The arguments of commands that generate: the model and how to decode."
     _model_arg(p)
-    p.add_argument('--max-new-tokens', type=int, default=256, help='longest reply, in tokens')
+    p.add_argument('--max-new-tokens', type=int, default=None,
+                   help="longest reply, in tokens (default: 256, or fewer when the model's positions run out)")
     p.add_argument('--temperature', type=float, default=0.0, help='0 for greedy decoding, >0 to sample')
     p.add_argument('--top-k', type=int, default=50, help='with --temperature > 0: sample among the k likeliest tokens')
+    p.add_argument('--top-p', type=float, default=1.0, help='with --temperature > 0: sample from the smallest set with this much probability')
+    p.add_argument('--seed', type=int, default=None, help='with --temperature > 0: seed of the sampler (reproducible output)')
 
 def _model_and_sampling(a):
-    "The model (eval mode), its tokenizer and the `generate` keyword arguments the command line asked for."
+    "Check the decoding options, then load the model: its `FastGenerator`, its tokenizer and the sampling arguments."
+    import math
+    from small_doge.core import ConfigError
+    if a.max_new_tokens is not None and a.max_new_tokens < 1: raise ConfigError(f'--max-new-tokens must be >= 1, got {a.max_new_tokens}')
+    if not math.isfinite(a.temperature) or a.temperature < 0: raise ConfigError(f'--temperature must be >= 0, got {a.temperature}')
+    if a.top_k < 0: raise ConfigError(f'--top-k must be >= 0, got {a.top_k}')
+    if not 0 < a.top_p <= 1: raise ConfigError(f'--top-p must be in (0, 1], got {a.top_p}')
+    from small_doge.inference import FastGenerator
     from small_doge.sft import load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(a.model)
-    sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k) if a.temperature > 0 else dict(do_sample=False)
-    return model.eval(), tok, dict(max_new_tokens=a.max_new_tokens, **sampling)
+    sampling = dict(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed) if a.temperature > 0 else {}
+    return FastGenerator(model.eval()), tok, sampling
 
-@command('chat', 'chat with a model in the terminal (streams replies; /reset, /exit)')
+@command('chat', 'chat with a model in the terminal (streams replies; /reset, /exit; Ctrl-C stops a reply)')
 def _chat_parser(p):
     _sampling(p)
     p.add_argument('--system', default=None, help='a system prompt')
     def go(a):
-        from small_doge.evaluate import chat_repl
-        model, tok, gen = _model_and_sampling(a)
-        chat_repl(model, tok, system=a.system, **gen)
+        from small_doge.inference import chat_repl
+        gen, tok, sampling = _model_and_sampling(a)
+        chat_repl(gen, tok, system=a.system, max_new_tokens=a.max_new_tokens or 256, **sampling)
     return go
 
 @command('generate', 'continue a text prompt with a model, streaming the tokens')
@@ -165,10 +175,61 @@ def _generate_parser(p):
     _sampling(p)
     p.add_argument('--prompt', required=True, help='the text to continue')
     def go(a):
-        import torch
+        from small_doge.core import DataError
+        from small_doge.inference import _not_utf8
+        if not a.prompt: raise DataError('empty prompt: --prompt has no text to continue')
+        if _not_utf8(a.prompt): raise DataError('--prompt is not valid UTF-8 text')
         from transformers import TextStreamer
-        model, tok, gen = _model_and_sampling(a)
-        with torch.no_grad(): model.generate(**tok(a.prompt, return_tensors='pt'), streamer=TextStreamer(tok), **gen)
+        gen, tok, sampling = _model_and_sampling(a)
+        ids = tok(a.prompt, return_tensors='pt')['input_ids']
+        if ids.shape[1] >= gen.max_length:
+            raise DataError(f'the prompt is {ids.shape[1]} tokens; the model has {gen.max_length} positions')
+        n_new = a.max_new_tokens or min(256, gen.max_length - ids.shape[1])
+        try: gen.generate(ids, n_new, streamer=TextStreamer(tok, skip_special_tokens=True), **sampling)
+        except KeyboardInterrupt: print(); raise SystemExit(130) from None   # Ctrl-C: stop quietly
+    return go
+
+# %% ../nbs/20_cli.ipynb #3c8d2f4b
+@command('bench', "measure decoding or training speed against transformers' native Doge (tokens/s, side by side)")
+def _bench_parser(p):
+    p.add_argument('what', choices=['decode', 'train'], help='decoding (generate) or a training step')
+    source = p.add_mutually_exclusive_group()
+    source.add_argument('--model', default=None, help='a saved model (directory, run folder or run:<recipe>)')
+    source.add_argument('--preset', default='doge-20m', help='a model shape with random weights (default: doge-20m)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: as set, one per core)')
+    p.add_argument('--context', type=int, default=32, help='decode: prompt tokens before the new ones')
+    p.add_argument('--new-tokens', type=int, default=128, help='decode: new tokens per run')
+    p.add_argument('--batch', type=int, default=None, help='decode: the batched row (default 8); train: rows per step (default 4)')
+    p.add_argument('--seq-len', type=int, default=512, help='train: tokens per row')
+    p.add_argument('--repeats', type=int, default=3, help='decode: timed runs of each; train: timed steps of each')
+    p.add_argument('--json', action='store_true', help='print the result as JSON instead of a table')
+    def go(a):
+        from small_doge.inference import bench_decode, bench_table, bench_train
+        model = None
+        if a.model:
+            from small_doge.doge import DogeForCausalLM
+            from small_doge.sft import resolve_model_path
+            model = DogeForCausalLM.from_pretrained(resolve_model_path(a.model))
+        if a.what == 'decode':
+            r = bench_decode(model, a.preset, a.threads, context=a.context, new_tokens=a.new_tokens, batch=a.batch or 8,
+                             repeats=a.repeats)
+        else: r = bench_train(model, a.preset, a.threads, batch=a.batch or 4, seq_len=a.seq_len, steps=a.repeats)
+        if a.json: return r
+        print(bench_table(r))
+    return go
+
+# %% ../nbs/20_cli.ipynb #4c0ac249
+@command('upcycle', 'convert a Llama (SmolLM2) into a Doge2 MoE and train it with the phased warm-up (lesson 09)')
+def _upcycle_parser(p):
+    p.add_argument('--from', dest='source', required=True, help="the Llama: a model directory, a .gguf file, a hub id or 'smollm2'")
+    p.add_argument('--out', type=Path, required=True, help='run folder: checkpoints, model/, results.json')
+    p.add_argument('--recipe', default='upcycle-smollm2-cpu', help='recipe YAML path or packaged name (default: upcycle-smollm2-cpu)')
+    p.add_argument('--set', dest='overrides', action='append', metavar='KEY=VALUE', help='override a recipe setting (repeatable)')
+    def go(a):
+        from small_doge.doge2 import upcycle
+        from small_doge.runs import parse_overrides
+        res = upcycle(a.recipe, **{**parse_overrides(a.overrides), 'model': a.source, 'output_dir': str(a.out)})
+        return {k: v for k, v in res.items() if k != 'log_history'}
     return go
 
 # %% ../nbs/20_cli.ipynb #644057c4

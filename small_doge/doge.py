@@ -22,7 +22,7 @@ from .core import CheckpointError, ConfigError, DataError, atomic_write
 from .norm import RMSNorm
 from .rope import DogeRotaryEmbedding, apply_rotary_pos_emb
 from .attention import BACKENDS, dynamic_bias, dynamic_mask_attention
-from .moe import DogeCDMoE, DogeMLP, check_moe_config, expert_logits, load_balancing_loss
+from .moe import DogeCDMoE, DogeMLP, check_moe_config, load_balancing_loss
 
 # %% auto #0
 __all__ = ['DOGE_MODEL_TYPES', 'REMOTE_CODE_FILE', 'REMOTE_AUTO_MAP', 'DOGE_PRESETS', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME',
@@ -423,7 +423,7 @@ class DogeModel(DogePreTrainedModel):
             if output_hidden_states: all_hidden.append(h)
             h, router_logits, weights = layer(h, position_embeddings=position_embeddings, attention_mask=attention_mask,
                                               past_key_values=past_key_values, output_attentions=output_attentions)
-            if output_router_logits: all_router.append(expert_logits(router_logits))
+            if output_router_logits: all_router.append(router_logits)
             if output_attentions: all_attn.append(weights)
         h = self.norm(h)
         if output_hidden_states: all_hidden.append(h)

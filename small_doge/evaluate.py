@@ -14,11 +14,11 @@ import torch
 from .core import CheckpointError, ConfigError, DataError, SmallDogeError, atomic_write, doge_home
 
 # %% auto #0
-__all__ = ['TASK_DATA_VERSION', 'OFFLINE_TASKS', 'SEED_RESULTS', 'SEED_PROTOCOL', 'EXIT_COMMANDS', 'quiet_lm_eval',
-           'api_summary_task', 'next_line_task', 'task_data_dir', 'api_summary_data', 'heldout_stdlib',
-           'next_line_data', 'stdlib_text_data', 'arithmetic_data', 'arithmetic_prompt', 'arithmetic_results',
-           'tasks_dir', 'require_lm_eval', 'load_tasks', 'run_lm_eval', 'task_scores', 'results_markdown',
-           'compare_with_seeds', 'seeds_markdown', 'generation_speed', 'chat_generate', 'chat_repl', 'evaluate_model']
+__all__ = ['TASK_DATA_VERSION', 'OFFLINE_TASKS', 'SEED_RESULTS', 'SEED_PROTOCOL', 'quiet_lm_eval', 'api_summary_task',
+           'next_line_task', 'task_data_dir', 'api_summary_data', 'heldout_stdlib', 'next_line_data',
+           'stdlib_text_data', 'arithmetic_data', 'arithmetic_prompt', 'arithmetic_results', 'tasks_dir',
+           'require_lm_eval', 'load_tasks', 'run_lm_eval', 'task_scores', 'results_markdown', 'compare_with_seeds',
+           'seeds_markdown', 'generation_speed', 'evaluate_model']
 
 # %% ../nbs/14_eval.ipynb #2ae86514
 @contextmanager
@@ -317,66 +317,6 @@ def generation_speed(model, tokenizer=None, prompt_tokens: int = 32, new_tokens:
                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch_size, repeats=repeats,
                 device=str(ids.device), dtype=str(next(model.parameters()).dtype).removeprefix('torch.'),
                 threads=n_threads)
-
-# %% ../nbs/14_eval.ipynb #92b62440
-def _stop_ids(tokenizer) -> list[int]:
-    from small_doge.tokenizer import stop_token_ids
-    return stop_token_ids(tokenizer)
-
-@torch.no_grad()
-def chat_generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, streamer=None, **gen_kwargs) -> str:
-    "The assistant's reply to `messages` (chat template + generation prompt; stops at `<|im_end|>`/EOS); greedy unless told."
-    if not messages: raise DataError('chat_generate needs at least one message')
-    if getattr(tokenizer, 'chat_template', None) is None: raise ConfigError('the tokenizer has no chat template')
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)
-    ids, mask = enc['input_ids'].to(_device(model)), enc['attention_mask'].to(_device(model))
-    stop, n_pos = _stop_ids(tokenizer), getattr(model.config, 'max_position_embeddings', None)
-    if n_pos is not None:   # never run past the positions the model was built for
-        if ids.shape[1] >= n_pos: raise DataError(f'the conversation is {ids.shape[1]} tokens; the model has {n_pos} positions')
-        max_new_tokens = min(max_new_tokens, n_pos - ids.shape[1])
-    gen_kwargs.setdefault('do_sample', False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                         pad_token_id=_pad_id(tokenizer), streamer=streamer, **gen_kwargs)
-    new = out[0, ids.shape[1]:].tolist()
-    end = next((k for k, t in enumerate(new) if t in stop), len(new))
-    return tokenizer.decode(new[:end], skip_special_tokens=True)
-
-# %% ../nbs/14_eval.ipynb #14e6bc28
-EXIT_COMMANDS = ('/exit', '/quit')
-
-def _fit_history(tokenizer, history, limit: int) -> list[dict]:
-    "Drop the oldest turns (keeping the system message and the last one) until the prompt fits in `limit` tokens."
-    h = list(history)
-    n_sys = 1 if h and h[0]['role'] == 'system' else 0
-    while len(h) > n_sys + 1 and len(tokenizer.apply_chat_template(h, add_generation_prompt=True)['input_ids']) > limit:
-        del h[n_sys]
-        while len(h) > n_sys + 1 and h[n_sys]['role'] != 'user': del h[n_sys]   # keep starting on a user turn
-    return h
-
-def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, input_fn: Callable = input,
-              out=None, stream: bool = True, **gen_kwargs) -> list[dict]:
-    "Chat in a terminal: read with `input_fn`, stream replies to `out`; `/reset` forgets, `/exit` or EOF quits. Returns the history."
-    from transformers import TextStreamer
-    out = out or sys.stdout
-    class Streamer(TextStreamer):
-        def on_finalized_text(self, text, stream_end=False): out.write(text + ('\n' if stream_end else '')); out.flush()
-    n_pos = getattr(model.config, 'max_position_embeddings', 2048)
-    limit = max(n_pos - max_new_tokens, n_pos // 2)   # room for the prompt; replies are capped by chat_generate
-    history = [dict(role='system', content=system)] if system else []
-    out.write('Chat with the model. /reset forgets the conversation, /exit (or Ctrl-D) quits.\n')
-    while True:
-        try: line = input_fn('you> ').strip()
-        except (EOFError, KeyboardInterrupt): out.write('\n'); break
-        if line in EXIT_COMMANDS: break
-        if line == '/reset': history = history[:1] if system else []; out.write('(history cleared)\n'); continue
-        if not line: continue
-        history = _fit_history(tokenizer, history + [dict(role='user', content=line)], limit)
-        out.write('doge> ')
-        streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        reply = chat_generate(model, tokenizer, history, max_new_tokens, streamer=streamer, **gen_kwargs)
-        if not stream: out.write(reply + '\n')
-        history.append(dict(role='assistant', content=reply))
-    return history
 
 # %% ../nbs/14_eval.ipynb #5de89c24
 def evaluate_model(model_dir, tasks: Sequence[str] | None = None, limit: int | None = None, out_dir=None,

@@ -86,22 +86,21 @@ class DogeCDMoE(DogeMLP):
         routed = torch.einsum('nk,nkd->nd', gates, up).reshape(shape)
         return super().forward(hidden_states) + routed, router_logits
 
-# %% ../nbs/06_cdmoe.ipynb #4b5e5b1a
+# %% ../nbs/06_cdmoe.ipynb #40d58dcb
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask: torch.Tensor | None = None):
-    "Switch-style aux loss `E * sum_e f_e * P_e` from per-expert logits [N, E] (or a tuple, one per layer)."
+    "Switch-style aux loss `E * sum_e f_e * P_e` from product-key router logits [N, 2K] (or a tuple, one per layer)."
     if router_logits is None or (isinstance(router_logits, (tuple, list)) and len(router_logits) == 0):
         raise ValueError('load_balancing_loss needs router logits: run the MoE model with output_router_logits=True')
     layers = list(router_logits) if isinstance(router_logits, (tuple, list)) else [router_logits]
-    device = layers[0].device
-    logits = torch.cat([l.reshape(-1, l.shape[-1]).to(device) for l in layers]).float()   # [layers*N, E]
-    if logits.shape[-1] != num_experts:
-        raise ValueError(f'router logits have {logits.shape[-1]} experts, expected num_experts={num_experts}')
-    probs = logits.softmax(-1)
-    chosen = logits.topk(top_k, dim=-1).indices                                            # [layers*N, k]
+    K, device = math.isqrt(num_experts), layers[0].device
+    logits = torch.cat([l.reshape(-1, l.shape[-1]).to(device) for l in layers]).float()   # [layers*N, 2K]
+    if K * K != num_experts or logits.shape[-1] != 2 * K:
+        raise ValueError(f'router logits have {logits.shape[-1]} columns; product-key logits for num_experts='
+                         f'{num_experts} have 2*sqrt(num_experts) = {2 * K} (rx then ry)')
     if attention_mask is None: real = torch.ones(logits.shape[0], device=device)
     else: real = attention_mask.reshape(-1).to(device, torch.float32).repeat(len(layers))   # layer-major, like cat
-    counts = torch.zeros(logits.shape[0], num_experts, device=device).scatter_add_(
-        -1, chosen, torch.ones_like(chosen, dtype=torch.float32))
-    f = (counts * real[:, None]).sum(0) / (real.sum() * top_k)
-    P = (probs * real[:, None]).sum(0) / real.sum()
-    return num_experts * (f * P).sum()
+    px, py = logits[:, :K].softmax(-1), logits[:, K:].softmax(-1)                         # [layers*N, K] each
+    P = ((px * real[:, None]).T @ py).flatten() / real.sum()                              # [K*K]: P[aK+b]
+    with torch.no_grad(): chosen = product_key_topk(logits, top_k)[1]                    # [layers*N, k]
+    f = torch.bincount(chosen.flatten(), weights=real.repeat_interleave(top_k), minlength=num_experts)
+    return num_experts * (f.to(P.dtype) / (real.sum() * top_k) * P).sum()

@@ -151,7 +151,7 @@ def stage_samples(ctx):
     "Greedy samples: text continuations from the pretrained model, chat replies from each fine-tuned model."
     import torch
     from small_doge.sft import load_model_and_tokenizer
-    from small_doge.evaluate import chat_generate
+    from small_doge.inference import chat_generate
     from small_doge.data import reasoning_dataset
     out = {}
     model, tok = load_model_and_tokenizer(str(ctx.artifacts['pretrain']))

@@ -107,9 +107,11 @@ Recipe.RULES = dict(
 
 # %% ../nbs/18_runs.ipynb #478200bc
 RECIPE_STAGES = {'pretrain': 'small_doge.pretrain:PretrainRecipe', 'sft': 'small_doge.sft:SFTRecipe',
-                 'dpo': 'small_doge.dpo:DPORecipe', 'reason': 'small_doge.reasoning:ReasonRecipe'}
+                 'dpo': 'small_doge.dpo:DPORecipe', 'reason': 'small_doge.reasoning:ReasonRecipe',
+                 'upcycle': 'small_doge.doge2:UpcycleRecipe'}
 STAGE_RUNNERS = {'pretrain': 'small_doge.pretrain:pretrain', 'sft': 'small_doge.sft:run_sft',
-                 'dpo': 'small_doge.dpo:run_dpo', 'reason': 'small_doge.reasoning:run_reasoning'}
+                 'dpo': 'small_doge.dpo:run_dpo', 'reason': 'small_doge.reasoning:run_reasoning',
+                 'upcycle': 'small_doge.doge2:upcycle'}
 
 def _import_obj(spec: str):
     module, name = spec.split(':')

@@ -116,8 +116,9 @@ def stop_rate(replies) -> float:
 
 # %% ../nbs/11_sft.ipynb #d33c0d81
 def router_aux_loss_coef(config) -> float | None:
-    "TRL's `router_aux_loss_coef` for a model config: 0.0 for dense models (no aux loss), None (the model's own) for MoE."
-    return None if getattr(config, 'is_moe', False) else 0.0
+    "TRL's `router_aux_loss_coef`: 0.0 (TRL's aux loss off) for dense models and our product-key MoE; None (the model's own) for other MoE."
+    if not getattr(config, 'is_moe', False) or getattr(config, 'model_type', None) == 'small_doge': return 0.0
+    return None
 
 # %% ../nbs/11_sft.ipynb #afff18fe
 @dataclass

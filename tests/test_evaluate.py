@@ -1,20 +1,17 @@
-"small_doge.evaluate: the stdlib task generators, decoding speed, chat, and evaluate_model (lm-eval on a saved model)."
-import io, json
+"small_doge.evaluate: the stdlib task generators, decoding speed and evaluate_model (lm-eval on a saved model)."
+import json
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from small_doge.core import CheckpointError, ConfigError, DataError, seed_everything
-from small_doge.data import stdlib_api_docs, token_ids
+from small_doge.data import stdlib_api_docs
 from small_doge.doge import DogeConfig, DogeForCausalLM
-from small_doge.evaluate import (OFFLINE_TASKS, SEED_PROTOCOL, SEED_RESULTS, _fit_history, api_summary_task, chat_generate,
-                                 chat_repl, compare_with_seeds, evaluate_model, generation_speed, next_line_task,
+from small_doge.evaluate import (OFFLINE_TASKS, SEED_PROTOCOL, SEED_RESULTS, api_summary_task,
+                                 compare_with_seeds, evaluate_model, generation_speed, next_line_task,
                                  run_lm_eval, task_scores)
-from small_doge.tokenizer import IM_END, train_tokenizer
+from small_doge.tokenizer import train_tokenizer
 
-
-def encode(tok, text): return list(token_ids(tok, [text])[0])
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -97,61 +94,7 @@ def test_generation_speed(model, tok):
     with pytest.raises(ConfigError): generation_speed(model, tok, new_tokens=0)
 
 
-# ---------------------------------------------------------------- chat
-class Scripted(LogitsProcessor):
-    "Force `reply(turn)` + `<|im_end|>` + tail; a new turn starts when the input is not the previous one plus a token."
-    def __init__(self, tok, reply, tail=()):
-        self.tok, self.reply, self.tail, self.turn, self.last = tok, reply, list(tail), 0, -1
-    def __call__(self, input_ids, scores):
-        n = input_ids.shape[1]
-        if n != self.last + 1: self.turn, self.start = self.turn + 1, n
-        self.last = n
-        script = encode(self.tok, self.reply(self.turn)) + [self.tok.convert_tokens_to_ids(IM_END)] + self.tail
-        forced = torch.full_like(scores, -float('inf'))
-        forced[:, script[min(n - self.start, len(script) - 1)]] = 0
-        return forced
-
-def test_chat_generate_returns_only_the_reply(model, tok):
-    p = Scripted(tok, lambda t: 'Woof, `json.dumps`!', tail=encode(tok, 'junk'))
-    msgs = [dict(role='system', content='Be brief.'), dict(role='user', content='Hi')]
-    assert chat_generate(model, tok, msgs, logits_processor=LogitsProcessorList([p])) == 'Woof, `json.dumps`!'
-    out = chat_generate(model, tok, msgs, max_new_tokens=5)   # unscripted: at most 5 tokens, no markup
-    assert isinstance(out, str) and '<|im_' not in out and len(encode(tok, out)) <= 5
-    with pytest.raises(DataError, match='at least one message'): chat_generate(model, tok, [])
-
-def test_chat_generate_respects_model_positions(model, tok):
-    n_pos = model.config.max_position_embeddings
-    out = chat_generate(model, tok, [dict(role='user', content='hi')], max_new_tokens=10 * n_pos,
-                        logits_processor=LogitsProcessorList([Scripted(tok, lambda t: 'x' * 2000)]))
-    assert 0 < len(encode(tok, out)) < n_pos   # capped, not a DataError from running past the positions
-    with pytest.raises(DataError, match='positions'):
-        chat_generate(model, tok, [dict(role='user', content='word ' * n_pos)])
-
-def test_chat_repl_with_fake_keyboard(model, tok):
-    keys, screen = iter(['Hello', '  ', 'Again', '/reset', 'Fresh', '/exit', 'unread']), io.StringIO()
-    proc = LogitsProcessorList([Scripted(tok, lambda t: f'Woof {t}!')])
-    h = chat_repl(model, tok, system='Be brief.', input_fn=lambda p: next(keys), out=screen, logits_processor=proc)
-    assert [m['content'] for m in h] == ['Be brief.', 'Fresh', 'Woof 3!']
-    text = screen.getvalue()
-    assert 'doge> Woof 1!\n' in text and 'doge> Woof 2!\n' in text and '(history cleared)' in text and '<|im' not in text
-
-def test_chat_repl_eof_and_no_stream(model, tok):
-    keys = iter(['Hi'])
-    def fake_input(prompt):
-        try: return next(keys)
-        except StopIteration: raise EOFError from None
-    screen = io.StringIO()
-    h = chat_repl(model, tok, input_fn=fake_input, out=screen, stream=False,
-                  logits_processor=LogitsProcessorList([Scripted(tok, lambda t: 'Bye')]))
-    assert h == [dict(role='user', content='Hi'), dict(role='assistant', content='Bye')]
-    assert 'doge> Bye\n' in screen.getvalue()
-
-def test_fit_history_drops_oldest_turns(tok):
-    h = [dict(role='system', content='s'), dict(role='user', content='a ' * 50), dict(role='assistant', content='b'),
-         dict(role='user', content='c')]
-    assert _fit_history(tok, h, 30) == [h[0], h[3]]
-    assert _fit_history(tok, h, 10_000) == h
-    assert _fit_history(tok, h[3:], 1) == h[3:]   # the last message always stays
+# ---------------------------------------------------------------- chat: tests/test_inference.py (chat_generate and chat_repl live in small_doge.inference)
 
 
 # ---------------------------------------------------------------- evaluate_model

@@ -9,7 +9,7 @@ from small_doge.core import CheckpointError, ConfigError, DataError
 from small_doge.pretrain import PretrainRecipe, pretrain
 from small_doge.runs import list_checkpoints, list_recipes, load_recipe, make_recipe, recipes_dir, run_recipe, save_recipe
 
-STAGES = ('pretrain', 'sft', 'dpo', 'reason')
+STAGES = ('pretrain', 'sft', 'dpo', 'reason', 'upcycle')
 
 
 def test_every_packaged_recipe_loads():
@@ -126,20 +126,24 @@ def test_trl_dense_model_has_no_aux_loss(tmp_path, tok):
     assert all('aux_loss' not in h for h in tr.state.log_history)
 
 
-def test_trl_moe_model_keeps_aux_loss(tmp_path, tok):
+def test_trl_trains_our_moe_model_without_its_aux_loss(tmp_path, tok):
+    "TRL's fused LM head computes Mixtral's aux loss from [N, E] logits; Doge returns [N, 2K], so it is switched off."
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from small_doge.sft import router_aux_loss_coef
     model = _tiny_model(is_moe=True, num_experts=16, num_experts_per_tok=4)
-    assert router_aux_loss_coef(model.config) is None        # TRL then uses the model's own coefficient
+    assert router_aux_loss_coef(model.config) == 0.0
     ds = Dataset.from_dict({'input_ids': [[1, 5, 6, 7, 8, 2]] * 8})
-    args = SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], bf16=False,
-                     activation_checkpointing=False, router_aux_loss_coef=router_aux_loss_coef(model.config),
-                     logging_steps=1, save_strategy='no', dataset_kwargs={'skip_prepare_dataset': True}, use_cpu=True)
-    tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    assert tr.aux_loss_enabled
+    def args(coef): return SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], bf16=False,
+                                     activation_checkpointing=False, router_aux_loss_coef=coef, logging_steps=1,
+                                     save_strategy='no', dataset_kwargs={'skip_prepare_dataset': True}, use_cpu=True)
+    with pytest.raises(RuntimeError):   # what TRL's own aux loss does with product-key logits
+        SFTTrainer(model=model, args=args(None), train_dataset=ds, processing_class=tok).train()
+    model = _tiny_model(is_moe=True, num_experts=16, num_experts_per_tok=4)
+    tr = SFTTrainer(model=model, args=args(router_aux_loss_coef(model.config)), train_dataset=ds, processing_class=tok)
+    assert not tr.aux_loss_enabled
     tr.train()
-    assert any('aux_loss' in h for h in tr.state.log_history)
+    assert all('aux_loss' not in h for h in tr.state.log_history)
 
 
 def test_cli_style_overrides():

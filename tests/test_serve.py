@@ -40,7 +40,7 @@ def library(model_dir):
 def reference(library, messages=None, prompt=None, max_tokens=64):
     "(text, prompt tokens, completion tokens, finish_reason) of the library's greedy generation for a chat or a text prompt."
     from small_doge.data import token_ids
-    from small_doge.evaluate import chat_generate
+    from small_doge.inference import chat_generate
     model, tok = library
     ids = (tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)['input_ids'] if messages is not None
            else token_ids(tok, [prompt])[0])
