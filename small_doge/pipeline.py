@@ -11,11 +11,12 @@ from .core import (ConfigError, DataError, atomic_write, check_output_dir, check
                              seed_everything)
 
 # %% auto #0
-__all__ = ['TRAINING_STAGES', 'PRESETS', 'TOKENIZER_FILES', 'EVAL_LIMIT', 'SAMPLE_PROMPTS', 'STAGES', 'CURVES', 'NEEDS',
-           'RUN_ENTRIES', 'Preset', 'corpus_summary', 'load_corpus', 'is_corpus_dir', 'is_tokenizer_dir',
-           'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer', 'stage_pretrain',
-           'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples', 'measured_effects', 'plot_curves',
-           'eval_table', 'write_report', 'finished_marker', 'reuse_stage', 'plan_stages', 'run_pipeline']
+__all__ = ['TRAINING_STAGES', 'PRESETS', 'TOKENIZER_FILES', 'EVAL_LIMIT', 'SAMPLE_PROMPTS', 'FORGETTING_METRICS', 'STAGES',
+           'CURVES', 'NEEDS', 'RUN_ENTRIES', 'Preset', 'corpus_summary', 'load_corpus', 'is_corpus_dir',
+           'is_tokenizer_dir', 'build_corpus', 'build_tokenizer', 'RunContext', 'stage_corpus', 'stage_tokenizer',
+           'stage_pretrain', 'stage_sft', 'stage_dpo', 'stage_reason', 'stage_eval', 'stage_samples',
+           'python_perplexity', 'stage_forgetting', 'forgetting_table', 'measured_effects', 'plot_curves', 'eval_table',
+           'write_report', 'finished_marker', 'reuse_stage', 'plan_stages', 'run_pipeline']
 
 # %% ../nbs/19_pipeline.ipynb #a75e5f28
 @dataclass
@@ -39,7 +40,7 @@ PRESETS = {
     **{size: Preset(size, max_files=None, vocab_size=32768, recipes=_recipes(size))
        for size in ('doge-20m', 'doge-60m', 'doge-160m', 'doge-320m')},
 }
-for _p in PRESETS.values(): _p.stages = ('corpus', 'tokenizer', *TRAINING_STAGES, 'eval', 'samples')
+for _p in PRESETS.values(): _p.stages = ('corpus', 'tokenizer', *TRAINING_STAGES, 'forgetting', 'eval', 'samples')
 
 # %% ../nbs/19_pipeline.ipynb #1419741a
 def corpus_summary(dsd) -> dict:
@@ -126,7 +127,8 @@ def stage_pretrain(ctx):
 
 def stage_sft(ctx): return _train(ctx, 'sft', model_path=str(ctx.artifacts['pretrain']))
 def stage_dpo(ctx): return _train(ctx, 'dpo', model_path=str(ctx.artifacts['sft']))
-def stage_reason(ctx): return _train(ctx, 'reason', model_path=str(ctx.artifacts.get('dpo') or ctx.artifacts['sft']))
+def stage_reason(ctx):   # replay (if the recipe asks for it) reads the run's own pretraining corpus
+    return _train(ctx, 'reason', model_path=str(ctx.artifacts.get('dpo') or ctx.artifacts['sft']), replay_data=str(ctx.artifacts['corpus']))
 
 def _final_model(ctx):
     return next(ctx.artifacts[s] for s in reversed(TRAINING_STAGES) if s in ctx.artifacts)
@@ -167,8 +169,52 @@ def stage_samples(ctx):
                       for p in prompts]
     return out
 
+# %% ../nbs/19_pipeline.ipynb #b28036bc
+FORGETTING_METRICS = {'python_ppl': 'Python perplexity (pretrain) ↓', 'answer_loss': 'answer loss (SFT) ↓',
+                      'pref_accuracy': 'preference accuracy (DPO) ↑', 'checker_accuracy': 'checker accuracy, greedy (reason) ↑'}
+
+def python_perplexity(model, blocks, batch_size: int = 16) -> float:
+    "exp of the mean next-token loss on packed `blocks` (a Dataset of equal-length `input_ids`), as pretraining's evaluation."
+    import math, numpy as np, torch
+    ids = torch.tensor(np.stack(blocks['input_ids']), dtype=torch.long)
+    with torch.no_grad(): losses = [model(input_ids=b, labels=b).loss.item() * len(b) for b in ids.split(batch_size)]
+    return math.exp(min(sum(losses) / len(ids), 50))
+
+def stage_forgetting(ctx):
+    "Every training stage's model on every training stage's held-out metric, each measured as its stage measures it."
+    from small_doge.runs import as_recipe
+    from small_doge.sft import load_model_and_tokenizer, sft_datasets, answer_loss
+    from small_doge.dpo import dpo_datasets, self_play_pairs, preference_metrics
+    from small_doge.reasoning import reasoning_datasets, checker_accuracy
+    from small_doge.data import first_rows, pack_dataset
+    rc = {s: as_recipe(ctx.preset.recipes[s], s, **ctx.preset.overrides.get(s, {})) for s in TRAINING_STAGES}
+    models = {s: ctx.artifacts[s] for s in TRAINING_STAGES if s in ctx.artifacts}
+    sft_model, tok = load_model_and_tokenizer(str(models.get('sft') or models['pretrain']))
+    pt, sft, dpo, rs = rc['pretrain'], rc['sft'], rc['dpo'], rc['reason']
+    blocks = first_rows(pack_dataset(load_corpus(ctx.artifacts['corpus'])['validation'], tok, pt.block_size), pt.max_val_blocks)
+    chats = first_rows(sft_datasets(sft)['test'], sft.max_eval_examples)['messages']
+    pairs = first_rows(dpo_datasets(dpo)['test'], dpo.max_eval_examples)
+    if dpo.rejected == 'self': pairs = self_play_pairs(sft_model, tok, pairs, dpo.self_play_max_new_tokens)   # as the DPO stage makes them
+    problems = first_rows(reasoning_datasets(rs, tok)['test'], rs.max_eval_examples)
+    matrix = {}
+    for stage, path in models.items():
+        model = load_model_and_tokenizer(str(path))[0].eval()
+        matrix[stage] = dict(python_ppl=python_perplexity(model, blocks, pt.per_device_eval_batch_size),
+                             answer_loss=answer_loss(model, tok, chats),
+                             pref_accuracy=preference_metrics(model, tok, pairs, beta=dpo.beta, max_length=dpo.max_length)['pref_accuracy'],
+                             checker_accuracy=checker_accuracy(model, tok, problems, max_new_tokens=rs.max_completion_length)['accuracy'])
+    return dict(matrix=matrix)
+
+def forgetting_table(results: dict) -> list[str]:
+    "Markdown lines of the forgetting matrix: a row per stage's model, a column per stage's metric ([] without one)."
+    matrix = (results.get('forgetting') or {}).get('matrix')
+    if not matrix: return []
+    lines = ['| model after | ' + ' | '.join(FORGETTING_METRICS.values()) + ' |', '|---|' + '---:|' * len(FORGETTING_METRICS)]
+    return lines + [f'| {stage} | ' + ' | '.join(f'{row[k]:.3f}' if k in row else '' for k in FORGETTING_METRICS) + ' |'
+                    for stage, row in matrix.items()]
+
 STAGES = {'corpus': stage_corpus, 'tokenizer': stage_tokenizer, 'pretrain': stage_pretrain, 'sft': stage_sft,
-          'dpo': stage_dpo, 'reason': stage_reason, 'eval': stage_eval, 'samples': stage_samples}
+          'dpo': stage_dpo, 'reason': stage_reason, 'forgetting': stage_forgetting, 'eval': stage_eval, 'samples': stage_samples}
 
 # %% ../nbs/19_pipeline.ipynb #9a4c7c4e
 def _falling(history, n=2):
@@ -177,7 +223,7 @@ def _falling(history, n=2):
     return len(tail) == n + 1 and all(b < a for a, b in zip(tail, tail[1:]))
 
 def measured_effects(results: dict) -> list[dict]:
-    "The course's four claims (pretrain, SFT, DPO, reasoning), each with what this run measured and whether it held."
+    "The course's four claims (pretrain, SFT, DPO, reasoning), and that the final model keeps its Python, each measured and checked."
     rows = []
     if r := results.get('pretrain'):
         rows.append(dict(stage='pretrain', claim='validation loss far below ln(vocab) (< 0.6x) and still falling',
@@ -204,8 +250,17 @@ def measured_effects(results: dict) -> list[dict]:
                                   f"greedy {r['accuracy_start']:.3f} -> {r['accuracy_after_sft']:.3f} -> {r['accuracy_after_grpo']:.3f}; "
                                   f"format rate {r['format_rate_after_grpo']:.2f}",
                          holds=r['grpo_sampled_gain'] > 2 * r['grpo_sampled_gain_se']))
+    if (m := (results.get('forgetting') or {}).get('matrix')) and 'pretrain' in m:
+        final = next(s for s in reversed(TRAINING_STAGES) if s in m)
+        ppl = [m[s]['python_ppl'] for s in m]
+        rows.append(dict(stage='forgetting', claim="the final model keeps its Python: perplexity on held-out stdlib text within 1.5x "
+                                                   "of the pretrained model's (replay of pretraining text during trace SFT)",
+                         measured=f"Python perplexity {' -> '.join(f'{p:.1f}' for p in ppl)} ({' -> '.join(m)}): "
+                                  f"{m[final]['python_ppl'] / m['pretrain']['python_ppl']:.2f}x",
+                         holds=m[final]['python_ppl'] <= 1.5 * m['pretrain']['python_ppl']))
     return rows
 
+# %% ../nbs/19_pipeline.ipynb #53d70b38
 def _one_line(name, info, seconds):
     "A stage's one-line console summary: its scalar numbers (the first few)."
     flat = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) and k not in ('path', 'output_dir', 'model_dir')}
@@ -257,6 +312,8 @@ def write_report(ctx, seconds: dict) -> Path:
         lines += ['## Measured effects (held-out data)', '', '| stage | claim | measured | holds |', '|---|---|---|---|']
         lines += [f"| {e['stage']} | {e['claim']} | {e['measured']} | {'yes' if e['holds'] else '**no**'} |" for e in effects]
         lines.append('')
+    if table := forgetting_table(ctx.results):
+        lines += ['## What each stage\'s model still knows (held-out data; rows: the model after each stage)', '', *table, '']
     if table := eval_table(ctx.results):
         lines += [f'## Evaluation (lm-eval, offline tasks, first {EVAL_LIMIT} examples each; `eval/<model>/results.md`)', '', *table, '']
     if plot_curves(ctx.results, ctx.out_dir/'curves.png'): lines += ['![training curves](curves.png)', '']
@@ -269,7 +326,7 @@ def write_report(ctx, seconds: dict) -> Path:
 
 # %% ../nbs/19_pipeline.ipynb #4b678218
 NEEDS = dict(corpus=(), tokenizer=(), pretrain=('corpus', 'tokenizer'), sft=('pretrain',), dpo=('sft',), reason=('sft',),
-             eval=('pretrain',), samples=('pretrain',))   # reason starts from dpo when there is one
+             forgetting=('corpus', 'pretrain'), eval=('pretrain',), samples=('pretrain',))   # reason starts from dpo when there is one
 RUN_ENTRIES = set(STAGES) | {'results.json', 'report.md', 'curves.png'}
 
 def finished_marker(ctx, name) -> Path | None:

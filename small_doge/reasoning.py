@@ -17,8 +17,9 @@ from .dpo import frozen_copy
 from .sft import generate_replies, load_model_and_tokenizer, resolve_model_path, router_aux_loss_coef
 
 # %% auto #0
-__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'run_trace_sft', 'grpo_trainer_class',
-           'accuracy_check_reward', 'run_grpo', 'paired_change', 'run_reasoning']
+__all__ = ['checker_accuracy', 'ReasonRecipe', 'reasoning_datasets', 'heldout_accuracy', 'replay_blocks', 'replay_batches',
+           'ReplayMixin', 'replay_trainer_class', 'run_trace_sft', 'grpo_trainer_class', 'accuracy_check_reward',
+           'run_grpo', 'paired_change', 'run_reasoning']
 
 # %% ../nbs/13_reasoning.ipynb #42bd4e27
 def checker_accuracy(model, tokenizer, dataset, max_new_tokens: int = 128, batch_size: int = 32, n_samples: int = 3,
@@ -64,6 +65,12 @@ class ReasonRecipe(Recipe):
     sft_max_steps: int = -1
     sft_batch_size: int = 16
     sft_max_length: int = 512
+    # replay of earlier data during trace SFT (see "Keeping what pretraining taught")
+    replay_data: str = 'pystdlib'        # pretraining text: 'pystdlib', a saved corpus, or text files (as pretraining reads them)
+    replay_max_files: int | None = None  # of the pystdlib corpus (None: all)
+    replay_weight: float = 0.0           # 0: no replay
+    replay_batch_size: int = 4           # blocks of replay text per step
+    replay_block_size: int = 256
     # step 2: GRPO (learning_rate, max_steps, per_device_train_batch_size are the shared fields)
     learning_rate: float = 8e-5
     max_steps: int = 200
@@ -95,8 +102,11 @@ ReasonRecipe.RULES = dict(
     n_train=at_least(1), n_test=at_least(2), min_operands=at_least(2), max_value=at_least(1), max_eval_examples=at_least(2),
     eval_samples=at_least(1), max_prompt_length=at_least(1), sft_learning_rate=above(0), sft_epochs=above(0),
     sft_max_steps=at_least(1, also=(-1,)), sft_batch_size=at_least(1), sft_max_length=at_least(1), num_generations=at_least(2),
-    num_iterations=at_least(1), max_completion_length=at_least(1), temperature=above(0), beta=at_least(0))
+    num_iterations=at_least(1), max_completion_length=at_least(1), temperature=above(0), beta=at_least(0),
+    replay_weight=at_least(0), replay_batch_size=at_least(1), replay_block_size=at_least(2))
 
+
+# %% ../nbs/13_reasoning.ipynb #5800ad6d
 def reasoning_datasets(recipe: ReasonRecipe, tokenizer=None):
     "The arithmetic task for a recipe: DatasetDict(train, test) with prompt, answer, messages; long prompts dropped."
     from small_doge.data import reasoning_dataset
@@ -116,8 +126,52 @@ def heldout_accuracy(model, tokenizer, test, recipe: ReasonRecipe) -> dict:
                                temperature=recipe.temperature, samples_per_problem=recipe.eval_samples, seed=recipe.seed)
     return dict(greedy, sampled_accuracy=sampled['accuracy'], sampled_per_problem=sampled['per_problem'])
 
+# %% ../nbs/13_reasoning.ipynb #dad8ca6d
+def replay_blocks(recipe: ReasonRecipe, tokenizer):
+    "Packed `input_ids` blocks of the recipe's replay text (its training split), read the way pretraining reads data."
+    from small_doge.pretrain import PretrainRecipe, pretrain_corpus
+    from small_doge.data import pack_dataset
+    train = pretrain_corpus(PretrainRecipe(data=recipe.replay_data, data_max_files=recipe.replay_max_files, seed=recipe.seed))['train']
+    if not hasattr(train, '__len__'): raise ConfigError(f'replay_data must be local text, not a stream: {recipe.replay_data!r}')
+    return pack_dataset(train, tokenizer, recipe.replay_block_size)
+
+def replay_batches(blocks, batch_size: int, seed: int = 0):
+    "Endless [batch_size, block] tensors of `blocks` (a Dataset of `input_ids`), reshuffled (seeded) on every pass."
+    if len(blocks) < batch_size: raise DataError(f'{len(blocks)} replay blocks, fewer than a batch of {batch_size}')
+    ids, g = torch.tensor(np.stack(blocks['input_ids']), dtype=torch.long), torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(ids), generator=g).split(batch_size):
+            if len(idx) == batch_size: yield ids[idx]
+
+# %% ../nbs/13_reasoning.ipynb #c56b3b07
+class ReplayMixin:
+    "Adds `weight` x the next-token loss on a batch of earlier data to a Trainer's training loss; logs it as `replay_loss`."
+    replay, replay_weight = None, 0.0
+    def set_replay(self, blocks, weight: float, batch_size: int, seed: int = 0):
+        self.replay, self.replay_weight, self._replay_losses = replay_batches(blocks, batch_size, seed), weight, []
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.replay is None or not model.training: return out
+        ids = next(self.replay).to(next(model.parameters()).device)
+        replay = model(input_ids=ids, labels=ids).loss
+        # the Trainer divides each loss by the accumulation steps, unless it was normalised by num_items_in_batch
+        if num_items_in_batch is not None and getattr(self, 'model_accepts_loss_kwargs', False):
+            replay = replay / self.args.gradient_accumulation_steps
+        self._replay_losses.append(replay.item())
+        loss = (out[0] if return_outputs else out) + self.replay_weight * replay
+        return (loss, out[1]) if return_outputs else loss
+    def log(self, logs, *args, **kwargs):
+        if self.replay is not None and self._replay_losses and 'loss' in logs:
+            logs['replay_loss'] = sum(self._replay_losses) / len(self._replay_losses); self._replay_losses.clear()
+        return super().log(logs, *args, **kwargs)
+
+def replay_trainer_class(cls):
+    "Trainer class `cls` with `ReplayMixin` in front (replay stays off until `set_replay`)."
+    return type(f'Replay{cls.__name__}', (ReplayMixin, cls), {})
+
+# %% ../nbs/13_reasoning.ipynb #679167b7
 def run_trace_sft(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
-    "Step 1: SFT on the traces (`messages`), assistant tokens only; returns the trainer (model trained in place)."
+    "Step 1: SFT on the traces (`messages`), assistant tokens only, plus the recipe's replay; returns the trainer (model trained in place)."
     from trl import SFTConfig
     from small_doge.sft import sft_trainer_class
     r = recipe
@@ -126,8 +180,9 @@ def run_trace_sft(recipe: ReasonRecipe, model, tokenizer, dsd, callbacks=None):
                               max_length=r.sft_max_length, assistant_only_loss=True, lr_scheduler_type='cosine_with_min_lr',
                               lr_scheduler_kwargs={'min_lr_rate': 0.1}, warmup_steps=r.warmup_ratio, eval_strategy='no',
                               save_strategy='no', router_aux_loss_coef=router_aux_loss_coef(model.config), dataset_num_proc=None)
-    trainer = sft_trainer_class()(model=model, args=args, train_dataset=dsd['train'].select_columns(['messages']),
-                                  processing_class=tokenizer, callbacks=callbacks)
+    trainer = replay_trainer_class(sft_trainer_class())(model=model, args=args, callbacks=callbacks,
+                  train_dataset=dsd['train'].select_columns(['messages']), processing_class=tokenizer)
+    if r.replay_weight: trainer.set_replay(replay_blocks(r, tokenizer), r.replay_weight, r.replay_batch_size, r.seed)
     quiet(trainer, r).train()
     return trainer
 

@@ -52,8 +52,8 @@ def test_tiny_run_shows_the_four_effects(tmp_path):
     "The README's main command, end to end (about 12-13 minutes on 2 cores), and what each stage is measured to do."
     r = small_doge('run', '--preset', 'tiny', '--out', tmp_path/'run', home=tmp_path, timeout=3600)
     effects = json.loads(r.stdout[r.stdout.index('{', r.stdout.index('[samples]')):])['effects']
-    assert sorted(effects) == ['dpo', 'pretrain', 'reason', 'sft'], effects
-    assert all(effects[s].startswith('holds') for s in ('pretrain', 'sft', 'dpo')), effects
+    assert sorted(effects) == ['dpo', 'forgetting', 'pretrain', 'reason', 'sft'], effects
+    assert all(effects[s].startswith('holds') for s in ('pretrain', 'sft', 'dpo', 'forgetting')), effects   # Python kept (replay)
     # reasoning: trace SFT teaches the task; GRPO's gain is small at this size (one or two SE of a single run, positive
     # in seven of seven whole-stage runs, lesson 13), so asserted loosely: up, in the format, greedy not clearly worse
     reason = json.loads((tmp_path/'run'/'reason'/'results.json').read_text())
@@ -61,7 +61,8 @@ def test_tiny_run_shows_the_four_effects(tmp_path):
     assert reason['grpo_sampled_gain'] > 0 and reason['accuracy_after_grpo'] >= reason['accuracy_after_sft'] - 0.05, reason
     for f in ('report.md', 'results.json', 'curves.png', 'reason/model/model.safetensors', 'eval/final/results.json'):
         assert (tmp_path/'run'/f).exists(), f
-    assert '| doge_arithmetic | acc |' in (tmp_path/'run'/'report.md').read_text()   # lm-eval's results in the report
+    report = (tmp_path/'run'/'report.md').read_text()
+    assert '| doge_arithmetic | acc |' in report and '| model after | Python perplexity' in report   # lm-eval, forgetting matrix
 
 def test_bad_input_is_one_clear_error(tmp_path):
     r = small_doge('corpus', '--out', tmp_path/'c', '--files', tmp_path/'missing.txt', home=tmp_path, check=False)
