@@ -499,7 +499,8 @@ AutoModelForSequenceClassification.register(DogeConfig, DogeForSequenceClassific
 
 # %% ../nbs/07_doge.ipynb #b99f9cf7
 # what the standalone module takes from each library module (None: every top-level definition)
-_REMOTE_PARTS = {'core': {'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write'},
+_REMOTE_PARTS = {'core': {'SmallDogeError', 'ConfigError', 'DataError', 'CheckpointError', 'atomic_write',
+                          'keys_best_first', 'check_attention_inputs'},   # lesson 05's helpers, kept in core
                  'norm': None, 'rope': None, 'attention': None, 'moe': None, 'doge': None}
 
 def _bound_names(node) -> set:

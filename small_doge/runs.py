@@ -305,6 +305,9 @@ class AtomicCheckpointMixin:
     def _get_output_dir(self, trial):
         return self._staging_dir or super()._get_output_dir(trial)
 
+    def create_model_card(self, *args, **kwargs):
+        "No model card: TRL's trainers write a README.md into the run folder at every checkpoint, a file no run needs."
+
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import rotate_checkpoints
         run_dir = Path(super()._get_output_dir(trial))
