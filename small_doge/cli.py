@@ -177,9 +177,9 @@ def _generate_parser(p):
     p.add_argument('--prompt', required=True, help='the text to continue')
     def go(a):
         from small_doge.core import DataError
-        from small_doge.inference import _not_utf8
+        from small_doge.inference import not_utf8
         if not a.prompt: raise DataError('empty prompt: --prompt has no text to continue')
-        if _not_utf8(a.prompt): raise DataError('--prompt is not valid UTF-8 text')
+        if not_utf8(a.prompt): raise DataError('--prompt is not valid UTF-8 text')
         from transformers import TextStreamer
         gen, tok, sampling = _model_and_sampling(a)
         ids = tok(a.prompt, return_tensors='pt')['input_ids']

@@ -17,7 +17,7 @@ from .rope import apply_rotary_pos_emb
 
 # %% auto #0
 __all__ = ['TRAIN_VARIANTS', 'EXIT_COMMANDS', 'window_slot', 'WindowCache', 'FastGenerator', 'native_doge', 'bench_decode',
-           'bench_table', 'cpu_limits', 'bench_train', 'chat_generate', 'chat_repl']
+           'bench_table', 'cpu_limits', 'bench_train', 'chat_generate', 'not_utf8', 'chat_repl']
 
 # %% ../nbs/15_inference.ipynb #2c9bc50d
 def window_slot(kept_bias: torch.Tensor, kept_pos: torch.Tensor, new_bias: torch.Tensor) -> torch.Tensor:
@@ -582,7 +582,7 @@ def _terminal_input(prompt: str) -> str:
         sys.stdin.reconfigure(errors='surrogateescape')
     return input(prompt)
 
-def _not_utf8(text: str) -> bool: return any('\udc80' <= c <= '\udcff' for c in text)
+def not_utf8(text: str) -> bool: return any('\udc80' <= c <= '\udcff' for c in text)
 
 # %% ../nbs/15_inference.ipynb #ffff1974
 def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, input_fn: Callable | None = None,
@@ -607,7 +607,7 @@ def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int =
         if line in EXIT_COMMANDS: break
         if line == '/reset': history = history[:1] if system else []; out.write('(history cleared)\n'); continue
         if not line: continue
-        if _not_utf8(line): out.write('(that line is not valid UTF-8 text; nothing was sent)\n'); continue
+        if not_utf8(line): out.write('(that line is not valid UTF-8 text; nothing was sent)\n'); continue
         streamer = None
         try:
             turn = _fit_history(tokenizer, history + [dict(role='user', content=line)], limit)

@@ -30,13 +30,13 @@ def memorised_model(out_dir, conversations=DEMO_CONVERSATIONS, steps: int = 200,
     "Save to `out_dir` a tiny Doge (and tokenizer) that has learned `conversations` (user, assistant) by heart: a demo and test model."
     from small_doge.data import pystdlib_corpus
     from small_doge.doge import DogeConfig, DogeForCausalLM
-    from small_doge.sft import _chat_batch
+    from small_doge.sft import chat_batch
     from small_doge.tokenizer import train_tokenizer
     seed_everything(seed)
     tok = train_tokenizer(pystdlib_corpus(max_files=10, cache=False)['train'], vocab_size=400)
     model = DogeForCausalLM(DogeConfig.from_preset('tiny', vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    ids, mask, labels = _chat_batch(tok, [[dict(role='user', content=q), dict(role='assistant', content=a)] for q, a in conversations])
+    ids, mask, labels = chat_batch(tok, [[dict(role='user', content=q), dict(role='assistant', content=a)] for q, a in conversations])
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()

@@ -17,7 +17,7 @@ from .runs import (AtomicCheckpointMixin, Recipe, above, as_recipe, at_least, be
                              training_arguments, within)
 
 # %% auto #0
-__all__ = ['resolve_model_path', 'load_model_and_tokenizer', 'answer_loss', 'generate_replies', 'stop_rate',
+__all__ = ['resolve_model_path', 'load_model_and_tokenizer', 'chat_batch', 'answer_loss', 'generate_replies', 'stop_rate',
            'router_aux_loss_coef', 'SFTRecipe', 'local_data', 'check_messages', 'load_examples', 'sft_datasets',
            'sft_trainer_class', 'held_out_metrics', 'run_sft']
 
@@ -59,7 +59,7 @@ def load_model_and_tokenizer(spec: str, attn_backend: str | None = None):
     return model, tokenizer
 
 # %% ../nbs/11_sft.ipynb #c76ae5a9
-def _chat_batch(tokenizer, conversations, max_length: int | None = None):
+def chat_batch(tokenizer, conversations, max_length: int | None = None):
     "Right-padded input_ids, attention_mask and assistant-only labels for a list of conversations."
     rows = [tokenizer.apply_chat_template(c, return_dict=True, return_assistant_tokens_mask=True) for c in conversations]
     if max_length: rows = [{k: v[:max_length] for k, v in r.items()} for r in rows]
@@ -79,7 +79,7 @@ def answer_loss(model, tokenizer, conversations, batch_size: int = 16, max_lengt
     model.eval()
     total, count = 0.0, 0
     for s in range(0, len(conversations), batch_size):
-        ids, att, lab = _chat_batch(tokenizer, conversations[s:s + batch_size], max_length)
+        ids, att, lab = chat_batch(tokenizer, conversations[s:s + batch_size], max_length)
         logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float()
         tgt = lab[:, 1:].to(model.device)
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction='sum')
