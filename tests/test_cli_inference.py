@@ -85,7 +85,6 @@ def test_generate_bad_options(tiny_preset_dir, args, words):
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', 'hello', *args), 'small-doge generate: error:', *words)
 
 
-@pytest.mark.slow   # a CLI subprocess each (~5-10 CPU s of imports): CI budget; the in-process tests cover the same code
 def test_generate_empty_long_and_undecodable_prompts(tiny_preset_dir):
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', ''), 'empty prompt')
     one_clear_error(cli('generate', '--model', tiny_preset_dir, '--prompt', 'word ' * 400), 'positions')
