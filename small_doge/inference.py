@@ -67,28 +67,40 @@ class WindowCache:
 
 # %% ../nbs/15_inference.ipynb #875818ff
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    "`small_doge.norm.RMSNorm` (bit for bit in fp32); a 2-D `weight` [heads, D] normalises each head with its own gain."
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps) if weight.dim() == 1 else F.rms_norm(x, weight.shape[-1:], None, eps) * weight
-    h = x.float()
+    "`small_doge.norm.RMSNorm`'s own ops, so its bits; a 2-D `weight` [heads, D] normalises each head with its own gain."
+    h = x.float()   # F.rms_norm gives the same bits in fp32 but costs three times as long on a CPU (a composite of ~10 ops)
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, in_out: bool) -> torch.Tensor:
+    "x [..., in] through a weight stored [in, out] (`in_out`, what a one-row product reads fastest on a CPU) or [out, in] (F.linear's)."
+    if not in_out: return F.linear(x, w, b)
+    return x @ w if b is None else torch.add(x @ w, b)
+
+def _logits(x: torch.Tensor, head: torch.Tensor, head_in_out: torch.Tensor | None) -> torch.Tensor:
+    "The LM head over x [B, d]: one row reads the [d, V] copy, several rows multiply the [V, d] matrix by x's transpose."
+    if head_in_out is None: return F.linear(x, head)
+    return x @ head_in_out if x.shape[0] == 1 else (head @ x.t()).t()
+
 class _LayerWeights:
-    "One decoder layer's weights for decoding: q/k/v and gate/up fused into one matrix each, cast to `dtype`."
-    def __init__(self, layer, dtype):
+    """One decoder layer's weights for decoding, copied and cast to `dtype`: q/k/v and gate/up fused into one matrix each,
+    the matrices stored [in, out] when `in_out` (a CPU), except q/k/v when `exact_qkv` (F.linear's own bits, for layer 0)."""
+    def __init__(self, layer, dtype, in_out: bool = False, exact_qkv: bool = False):
         a, m = layer.self_attn, layer.mlp
         H, Hkv, D = a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim
-        cast = lambda t: None if t is None else t.detach().to(dtype)
+        cast = lambda t: None if t is None else t.detach().to(dtype, copy=True)
         cat = lambda *ts: None if ts[0] is None else torch.cat([t.detach() for t in ts]).to(dtype)
+        lay = lambda w, in_out: w.t().contiguous() if in_out else w
+        self.in_out, self.qkv_in_out = in_out, in_out and not exact_qkv
         self.ln1, self.ln2 = cast(layer.input_layernorm.weight), cast(layer.post_attention_layernorm.weight)
         self.r1, self.r2 = cast(layer.input_residual), cast(layer.post_attention_residual)
-        self.qkv, self.qkv_b = cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+        self.qkv = lay(cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), self.qkv_in_out)
+        self.qkv_b = cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
         self.q_norm, self.k_norm = cast(a.q_norm.weight), cast(a.k_norm.weight)
         self.qk_norm = cat(a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(Hkv, D))    # [H + Hkv, D]
-        self.o, self.o_b = cast(a.o_proj.weight), cast(a.o_proj.bias)
+        self.o, self.o_b = lay(cast(a.o_proj.weight), in_out), cast(a.o_proj.bias)
         self.A, self.dt, self.dt_b = cast(a.A), cast(a.dt_proj.weight), cast(a.dt_proj.bias)
-        self.gate_up, self.gate_up_b = cat(m.gate_proj.weight, m.up_proj.weight), cat(m.gate_proj.bias, m.up_proj.bias)
-        self.down, self.down_b = cast(m.down_proj.weight), cast(m.down_proj.bias)
+        self.gate_up, self.gate_up_b = lay(cat(m.gate_proj.weight, m.up_proj.weight), in_out), cat(m.gate_proj.bias, m.up_proj.bias)
+        self.down, self.down_b = lay(cast(m.down_proj.weight), in_out), cast(m.down_proj.bias)
         self.act = F.silu if layer.self_attn.config.hidden_act == 'silu' else m.act_fn
         self.moe = hasattr(m, 'router_gate')
         if self.moe:
@@ -96,10 +108,10 @@ class _LayerWeights:
             self.down_embed, self.up_embed = cast(m.down_embed.weight), cast(m.up_embed.weight)
 
 # %% ../nbs/15_inference.ipynb #aac261c6
-def _attention_input(h, ln1, qkv, qkv_b, qk_norm, cos, sin, dt, A, dt_b, H: int, Hkv: int, eps: float):
+def _attention_input(h, ln1, qkv, qkv_b, qk_norm, cos, sin, dt, A, dt_b, H: int, Hkv: int, eps: float, qkv_in_out: bool):
     "Queries [B, H, D], the new key and value [B, Hkv, D] and its bias [B, Hkv] for hidden states h [B, d]."
     B, D = h.shape[0], qk_norm.shape[-1]
-    x = F.linear(_rms(h, ln1, eps), qkv, qkv_b)
+    x = _project(_rms(h, ln1, eps), qkv, qkv_b, qkv_in_out)
     qk = _rms(x[:, :(H + Hkv) * D].view(B, H + Hkv, D), qk_norm, eps)
     qk = qk * cos + qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D) * sin   # RoPE; sin carries rotate_half's sign
     v = x[:, (H + Hkv) * D:]
@@ -115,8 +127,8 @@ def _window_attention(q, keys, values, bias, scaling: float):
 
 def _mlp(L: _LayerWeights, x):
     "SwiGLU with the fused gate/up matrix, plus the routed experts of a CDMoE layer (as `DogeCDMoE`)."
-    g, u = F.linear(x, L.gate_up, L.gate_up_b).chunk(2, -1)
-    y = F.linear(L.act(g) * u, L.down, L.down_b)
+    g, u = _project(x, L.gate_up, L.gate_up_b, L.in_out).chunk(2, -1)
+    y = _project(L.act(g) * u, L.down, L.down_b, L.in_out)
     if not L.moe: return y
     xs = x.reshape(-1, x.shape[-1])
     scores, experts = product_key_topk(F.linear(xs, L.router), L.top_k)
@@ -125,11 +137,11 @@ def _mlp(L: _LayerWeights, x):
     gates = L.act(torch.einsum('nkd,nd->nk', F.embedding(experts, L.down_embed), xs)) * w.to(xs.dtype)
     return y + torch.einsum('nk,nkd->nd', gates, F.embedding(experts, L.up_embed)).reshape(x.shape)
 
-def _attention_output_mlp(h, o, o_w, o_b, r1, ln2, gate_up, gate_up_b, down, down_b, r2, eps: float):
+def _attention_output_mlp(h, o, o_w, o_b, r1, ln2, gate_up, gate_up_b, down, down_b, r2, eps: float, in_out: bool):
     "Dense layers: o_proj and the input residual, then the MLP and the post-attention residual."
-    h = torch.addcmul(F.linear(o, o_w, o_b), r1, h)
-    g, u = F.linear(_rms(h, ln2, eps), gate_up, gate_up_b).chunk(2, -1)
-    return torch.addcmul(F.linear(F.silu(g) * u, down, down_b), r2, h)
+    h = torch.addcmul(_project(o, o_w, o_b, in_out), r1, h)
+    g, u = _project(_rms(h, ln2, eps), gate_up, gate_up_b, in_out).chunk(2, -1)
+    return torch.addcmul(_project(F.silu(g) * u, down, down_b, in_out), r2, h)
 
 # %% ../nbs/15_inference.ipynb #e65fda98
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,10 +180,15 @@ class FastGenerator:
 
     def refresh(self):
         "Read the model's weights (again, e.g. after more training): the generator decodes with a snapshot."
-        m, dt = self.model, self.dtype
-        self.embed, self.norm = m.model.embed_tokens.weight.detach().to(dt), m.model.norm.weight.detach().to(dt)
-        self.lm_head = m.lm_head.weight.detach().to(dt)
-        self.layers = [_LayerWeights(layer, dt) for layer in m.model.layers]
+        m, dt, in_out = self.model, self.dtype, self.device.type == 'cpu'
+        copy = lambda w: w.detach().to(dt, copy=True)
+        self.embed, self.norm = copy(m.model.embed_tokens.weight), copy(m.model.norm.weight)
+        tied = m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+        self.lm_head = self.embed if tied else copy(m.lm_head.weight)
+        # a second copy of the head, [d, V]: on a CPU a one-row product reads it ~3x faster than the [V, d] matrix
+        self.lm_head_in_out = self.lm_head.t().contiguous() if in_out else None
+        # layer 0 keeps F.linear for q/k/v: its values, hence the biases that tie on repeated tokens, are the model's bits
+        self.layers = [_LayerWeights(layer, dt, in_out, exact_qkv=i == 0) for i, layer in enumerate(m.model.layers)]
         self.inv_freq = m.model.rotary_emb.original_inv_freq.detach().to(self.device, torch.float32)
         return self
 
@@ -202,7 +219,7 @@ def _prefill(self: FastGenerator, ids, mask, cache: WindowCache, chunk: int = 51
     cos, sin = (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
     h = F.embedding(ids, self.embed)
     for i, L in enumerate(self.layers):
-        q, k, v = F.linear(_rms(h, L.ln1, eps), L.qkv, L.qkv_b).split([H * D, Hkv * D, Hkv * D], -1)
+        q, k, v = _project(_rms(h, L.ln1, eps), L.qkv, L.qkv_b, L.qkv_in_out).split([H * D, Hkv * D, Hkv * D], -1)
         q = _rms(q.view(B, P, H, D), L.q_norm, eps).transpose(1, 2)
         k = _rms(k.view(B, P, Hkv, D), L.k_norm, eps).transpose(1, 2)
         v = v.view(B, P, Hkv, D).transpose(1, 2)
@@ -212,10 +229,10 @@ def _prefill(self: FastGenerator, ids, mask, cache: WindowCache, chunk: int = 51
             q[:, :, s:s + chunk], k[:, :, :s + chunk], v[:, :, :s + chunk], bias[..., :s + chunk],
             keep_window_size=self.config.keep_window_size, scaling=self.scaling, backend=self.prefill_backend,
             attention_mask=None if mask is None else mask[:, :s + chunk]) for s in range(0, P, chunk)], 2)
-        h = torch.addcmul(F.linear(o.transpose(1, 2).reshape(B, P, H * D), L.o, L.o_b), L.r1, h)
+        h = torch.addcmul(_project(o.transpose(1, 2).reshape(B, P, H * D), L.o, L.o_b, L.in_out), L.r1, h)
         h = torch.addcmul(_mlp(L, _rms(h, L.ln2, eps)), L.r2, h)
         cache.fill(i, k, v, bias, None if mask is None else mask.bool())
-    return F.linear(_rms(h[:, -1], self.norm, eps), self.lm_head)
+    return _logits(_rms(h[:, -1], self.norm, eps), self.lm_head, self.lm_head_in_out)
 
 @torch.no_grad()
 def _step(self: FastGenerator, tok, pos, inv_freq, t: int, cache: WindowCache):
@@ -227,15 +244,17 @@ def _step(self: FastGenerator, tok, pos, inv_freq, t: int, cache: WindowCache):
     cos, sin = torch.cat((c, c), -1)[:, None].to(self.dtype), torch.cat((-s, s), -1)[:, None].to(self.dtype)
     h = F.embedding(tok, self.embed)
     for i, L in enumerate(self.layers):
-        q, k, v, bias = self._attention_input(h, L.ln1, L.qkv, L.qkv_b, L.qk_norm, cos, sin, L.dt, L.A, L.dt_b, H, Hkv, eps)
+        q, k, v, bias = self._attention_input(h, L.ln1, L.qkv, L.qkv_b, L.qk_norm, cos, sin, L.dt, L.A, L.dt_b, H, Hkv, eps,
+                                              L.qkv_in_out)
         n = cache.insert(i, k, v, bias, t)
         o = _window_attention(q, cache.k[i, :, :, :n], cache.v[i, :, :, :n], cache.bias[i, :, :, :n], self.scaling).to(self.dtype)
         if L.moe:
-            h = torch.addcmul(F.linear(o, L.o, L.o_b), L.r1, h)
+            h = torch.addcmul(_project(o, L.o, L.o_b, L.in_out), L.r1, h)
             h = torch.addcmul(_mlp(L, _rms(h, L.ln2, eps)), L.r2, h)
         else:
-            h = self._attention_output_mlp(h, o, L.o, L.o_b, L.r1, L.ln2, L.gate_up, L.gate_up_b, L.down, L.down_b, L.r2, eps)
-    return F.linear(_rms(h, self.norm, eps), self.lm_head)
+            h = self._attention_output_mlp(h, o, L.o, L.o_b, L.r1, L.ln2, L.gate_up, L.gate_up_b, L.down, L.down_b, L.r2, eps,
+                                           L.in_out)
+    return _logits(_rms(h, self.norm, eps), self.lm_head, self.lm_head_in_out)
 
 def _attach(name: str, f: Callable):
     "Make `f` the method `name` of FastGenerator (the class is built over several cells)."
