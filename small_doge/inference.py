@@ -5,6 +5,7 @@
 # %% ../nbs/15_inference.ipynb #98ef0623
 from __future__ import annotations
 import math, statistics, sys, time
+from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -16,8 +17,8 @@ from .moe import product_key_topk
 from .rope import apply_rotary_pos_emb
 
 # %% auto #0
-__all__ = ['TRAIN_VARIANTS', 'EXIT_COMMANDS', 'window_slot', 'WindowCache', 'FastGenerator', 'native_doge', 'bench_decode',
-           'bench_table', 'cpu_limits', 'bench_train', 'chat_generate', 'not_utf8', 'chat_repl']
+__all__ = ['TRAIN_VARIANTS', 'EXIT_COMMANDS', 'window_slot', 'WindowCache', 'FastGenerator', 'native_doge', 'torch_threads',
+           'bench_decode', 'bench_table', 'cpu_limits', 'bench_train', 'chat_generate', 'not_utf8', 'chat_repl']
 
 # %% ../nbs/15_inference.ipynb #2c9bc50d
 def window_slot(kept_bias: torch.Tensor, kept_pos: torch.Tensor, new_bias: torch.Tensor) -> torch.Tensor:
@@ -412,6 +413,24 @@ def native_doge(model):
     native.load_state_dict(model.state_dict())
     return native.to(next(model.parameters()).device, next(model.parameters()).dtype).eval()
 
+@contextmanager
+def torch_threads(threads: int | None):
+    "Run the block on `threads` torch CPU threads (None: as they are), then restore the previous count."
+    old = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f'threads must be an int >= 1, got {threads!r}')
+        torch.set_num_threads(threads)
+    try: yield torch.get_num_threads()
+    finally: torch.set_num_threads(old)
+
+def _bench_model(model, preset: str, seed: int):
+    "`model`, or a model of shape `preset` with random weights drawn from `seed`."
+    if model is not None: return model
+    from small_doge.doge import DogeConfig, DogeForCausalLM
+    torch.manual_seed(seed)
+    return DogeForCausalLM(DogeConfig.from_preset(preset))
+
 def _timed(fn, sync) -> float:
     sync(); t0 = time.perf_counter(); fn(); sync()
     return time.perf_counter() - t0
@@ -424,18 +443,10 @@ def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = Non
                  new_tokens: int = 128, batch: int = 8, prefill_tokens: int | None = None, repeats: int = 3, seed: int = 0,
                  measures: Sequence[str] = ('decode', 'batch', 'prefill')) -> dict:
     "Tokens/s of native `generate()`, small_doge `generate()` and `FastGenerator` on the same weights, measured side by side."
-    from small_doge.doge import DogeConfig, DogeForCausalLM
     if min(context, new_tokens, batch, repeats, prefill_tokens or 1) < 1:
         raise ConfigError('context, new_tokens, batch, prefill_tokens and repeats must be >= 1')
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1: raise ConfigError(f'threads must be >= 1, got {threads}')
-        torch.set_num_threads(threads)
-    try:
-        if model is None:
-            torch.manual_seed(seed)
-            model = DogeForCausalLM(DogeConfig.from_preset(preset))
-        model = model.eval()
+    with torch_threads(threads) as n_threads:
+        model = _bench_model(model, preset, seed).eval()
         fast, native = FastGenerator(model), native_doge(model)
         if context + new_tokens > fast.max_length:
             raise ConfigError(f'context + new tokens ({context + new_tokens}) is more than the model allows ({fast.max_length})')
@@ -463,7 +474,6 @@ def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = Non
         for _ in range(repeats):
             for case, (x, n, _) in cases.items():
                 for name, f in impls.items(): times[case, name].append(_timed(lambda: f(x, n), sync))
-    finally: torch.set_num_threads(old_threads)
     rows = []
     for case, (_, _, count) in cases.items():
         base = statistics.median(times[case, 'transformers native generate()'])
@@ -474,7 +484,7 @@ def bench_decode(model=None, preset: str = 'doge-20m', threads: int | None = Non
     fast_out = outputs['FastGenerator']
     same = {f'FastGenerator == {name}': torch.equal(fast_out, outputs[name]) for name in impls if name != 'FastGenerator'}
     return dict(rows=rows, greedy_tokens_identical=same,
-                parameters=sum(p.numel() for p in model.parameters()), threads=threads or old_threads,
+                parameters=sum(p.numel() for p in model.parameters()), threads=n_threads,
                 repeats=repeats, device=str(dev), dtype=str(fast.dtype).removeprefix('torch.'))
 
 def bench_table(result: dict) -> str:
@@ -489,14 +499,11 @@ def bench_table(result: dict) -> str:
 @torch.no_grad()
 def cpu_limits(threads: int | None = None, repeats: int = 5) -> dict:
     "Measured memory read bandwidth (GB/s, summing 256 MiB) and fp32 matmul rate (GFLOP/s, 1024^3), best of `repeats`."
-    old = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         big, a, b = torch.ones(64 * 2**20), torch.randn(1024, 1024), torch.randn(1024, 1024)
         big.sum(); a @ b
         read = min(_timed(big.sum, lambda: None) for _ in range(repeats))
         mm = min(_timed(lambda: a @ b, lambda: None) for _ in range(repeats))
-    finally: torch.set_num_threads(old)
     return dict(read_GB_per_s=big.numel() * 4 / read / 1e9, matmul_GFLOP_per_s=2 * 1024**3 / mm / 1e9)
 
 # %% ../nbs/15_inference.ipynb #dd4f9d54
@@ -524,19 +531,12 @@ def bench_train(model=None, preset: str = 'doge-20m', threads: int | None = None
                 steps: int = 3, warmup: int = 1, seed: int = 0, variants: Sequence[str] = ('native', 'eager', 'sdpa', 'bf16'),
                 lr: float = 1e-3) -> dict:
     "Training tokens/s (forward, backward, AdamW) of native Doge and of ours in `variants`, same weights and batch, side by side."
-    from small_doge.doge import DogeConfig, DogeForCausalLM
     unknown = [v for v in variants if v not in TRAIN_VARIANTS]
     if unknown: raise ConfigError(f'unknown variants {unknown}; choose from {list(TRAIN_VARIANTS)}')
     if 'native' not in variants: variants = ('native', *variants)
     if min(batch, seq_len, steps) < 1 or warmup < 0: raise ConfigError('batch, seq_len and steps must be >= 1, warmup >= 0')
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1: raise ConfigError(f'threads must be >= 1, got {threads}')
-        torch.set_num_threads(threads)
-    try:
-        if model is None:
-            torch.manual_seed(seed)
-            model = DogeForCausalLM(DogeConfig.from_preset(preset))
+    with torch_threads(threads) as n_threads:
+        model = _bench_model(model, preset, seed)
         if seq_len > model.config.max_position_embeddings:
             raise ConfigError(f'seq_len={seq_len} is more than max_position_embeddings={model.config.max_position_embeddings}')
         dev, V = next(model.parameters()).device, model.config.vocab_size
@@ -551,14 +551,13 @@ def bench_train(model=None, preset: str = 'doge-20m', threads: int | None = None
             for v, (m, opt, autocast) in runs.items():
                 sync(); t0 = time.perf_counter(); losses[v].append(_train_step(m, opt, ids, autocast)); sync()
                 if s >= warmup: times[v].append(time.perf_counter() - t0)
-    finally: torch.set_num_threads(old_threads)
     base, rows = statistics.median(times['native']), []
     for v in variants:
         s = _summary([batch * seq_len / t for t in times[v]])
         rows.append(dict(measure=f'train step, batch {batch} x {seq_len}', implementation=TRAIN_VARIANTS[v], tokens_per_s=s['median'],
                          min=s['min'], max=s['max'], vs_native=base / statistics.median(times[v])))
     return dict(rows=rows, losses={TRAIN_VARIANTS[v]: [round(l, 4) for l in ls] for v, ls in losses.items()},
-                parameters=sum(p.numel() for p in model.parameters()), threads=threads or old_threads, steps=steps)
+                parameters=sum(p.numel() for p in model.parameters()), threads=n_threads, steps=steps)
 
 # %% ../nbs/15_inference.ipynb #41469d7a
 def _stop_ids(tokenizer) -> list[int]:
