@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from .core import CheckpointError, ConfigError, DataError
-from .doge import DogeConfig, DogeForCausalLM, _looks_like_hub_id
+from .core import CheckpointError, ConfigError, DataError, looks_like_hub_id, no_such_path
+from .doge import DogeConfig, DogeForCausalLM
 from .moe import load_balancing_loss, product_key_topk
 from .pretrain import PretrainRecipe, WSDTrainer, collate_blocks, pack_stream, pretrain_corpus
 from .runs import as_recipe, begin_stage, check_checkpoint_fits, eval_history, training_arguments, world_size
@@ -81,8 +81,8 @@ def resolve_llama_source(source) -> tuple[str, str | None]:
         return str(path.parent), path.name
     p = Path(str(source)).expanduser()
     if not p.exists():
-        if _looks_like_hub_id(str(source)): return str(source), None   # a hub id (needs the internet)
-        raise CheckpointError(f'model to convert not found: {p}')
+        if looks_like_hub_id(source): return str(source), None   # owner/name, no such local path, the hub not switched off
+        raise CheckpointError(f'model to convert not found: {no_such_path(p)}')
     if p.is_file():
         if p.suffix != '.gguf': raise CheckpointError(f'{p} is a file but not .gguf: pass a model directory or a .gguf file')
         return str(p.parent), p.name
